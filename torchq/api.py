@@ -1,0 +1,166 @@
+"""``quantize_``: swap every targeted ``nn.Linear`` weight for a quantized tensor, in place.
+
+Which config a layer gets: ``overrides`` (exact module name first, then the first regex
+that fully matches; a ``None`` value skips the layer), else ``config``. ``filter_fn(module,
+name)`` returning False skips a layer. Every linear layer ends up in the returned
+:class:`QuantizationReport` as quantized, padded, tied or skipped (with the reason); the
+report is also logged on the ``torchq`` logger.
+
+Tied weights (one policy): a Linear whose weight is the same Parameter as an
+``nn.Embedding``'s (a tied LM head) is quantized once and the *same* quantized tensor is
+set on both modules; the embedding then dequantizes only the rows it looks up. The layer
+is reported as ``tied`` with the embedding's name. Exclude the head with ``filter_fn`` or
+an override of ``None`` to keep both in float.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from .configs import QuantConfig
+from .handlers import get_handler
+from .tensors.base import TorchqTensor
+
+__all__ = ["quantize_", "QuantizationReport", "LayerReport"]
+
+logger = logging.getLogger("torchq")
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+@dataclass
+class LayerReport:
+    name: str
+    status: str  # quantized | padded | tied | skipped
+    config: str
+    note: str = ""
+
+
+@dataclass
+class QuantizationReport:
+    layers: list[LayerReport] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        return sum(1 for layer in self.layers if layer.status == status)
+
+    @property
+    def quantized(self) -> list[str]:
+        return [layer.name for layer in self.layers if layer.status != "skipped"]
+
+    @property
+    def skipped(self) -> list[str]:
+        return [layer.name for layer in self.layers if layer.status == "skipped"]
+
+    def summary(self) -> str:
+        return (
+            f"torchq.quantize_: {len(self.layers)} linear layers: {self.count('quantized')} quantized, "
+            f"{self.count('padded')} padded, {self.count('tied')} tied, {self.count('skipped')} skipped"
+        )
+
+    def __str__(self) -> str:
+        lines = [self.summary()]
+        for layer in self.layers:
+            note = f"  ({layer.note})" if layer.note else ""
+            lines.append(f"  {layer.status:<9} {layer.name}  [{layer.config}]{note}")
+        return "\n".join(lines)
+
+
+def _config_for(
+    name: str, config: Optional[QuantConfig], overrides: Mapping[str, Optional[QuantConfig]]
+) -> tuple[bool, Optional[QuantConfig]]:
+    """(matched_override, config) for a module name."""
+    if name in overrides:
+        return True, overrides[name]
+    for pattern, cfg in overrides.items():
+        if re.fullmatch(pattern, name):
+            return True, cfg
+    return False, config
+
+
+def _tied_embeddings(model: nn.Module) -> dict[int, str]:
+    """id(weight) -> name of the nn.Embedding that owns that same weight."""
+    out: dict[int, str] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Embedding):
+            out[id(mod.weight)] = name
+    return out
+
+
+def _check_weight(name: str, weight: torch.Tensor) -> Optional[str]:
+    """Raise for unusable weights; return a skip reason for empty ones."""
+    if not weight.is_floating_point():
+        raise TypeError(
+            f"layer {name!r}: weight dtype {weight.dtype} is not floating point; torchq quantizes float "
+            "weights (load the float checkpoint, or exclude this layer with filter_fn)"
+        )
+    if weight.numel() == 0:
+        return f"empty weight {tuple(weight.shape)}"
+    if weight.device.type != "meta" and not bool(torch.isfinite(weight).all()):
+        bad = int((~torch.isfinite(weight)).sum())
+        raise ValueError(
+            f"layer {name!r}: weight has {bad} NaN/Inf value(s); fix the checkpoint or exclude the layer with filter_fn"
+        )
+    return None
+
+
+def quantize_(
+    model: nn.Module,
+    config: Optional[QuantConfig],
+    filter_fn: Optional[FilterFn] = None,
+    overrides: Optional[Mapping[str, Optional[QuantConfig]]] = None,
+) -> QuantizationReport:
+    """Quantize ``model``'s linear layers in place and return the report.
+
+    Raises if a targeted layer is already quantized (quantize other layers in a second call
+    by excluding those with ``filter_fn`` or overrides).
+    """
+    overrides = dict(overrides or {})
+    report = QuantizationReport()
+    tied = _tied_embeddings(model)
+    modules = dict(model.named_modules())
+    done: dict[int, nn.Parameter] = {}
+    for name, module in modules.items():
+        if not isinstance(module, nn.Linear):
+            continue
+        matched, cfg = _config_for(name, config, overrides)
+        if cfg is None:
+            report.layers.append(LayerReport(name, "skipped", "-", "override None" if matched else "no config"))
+            continue
+        if filter_fn is not None and not filter_fn(module, name):
+            report.layers.append(LayerReport(name, "skipped", cfg.type_name, "filter_fn"))
+            continue
+        weight = module.weight
+        if id(weight) in done:  # another Linear shares this weight: reuse the quantized one
+            module.weight = done[id(weight)]
+            report.layers.append(LayerReport(name, "tied", cfg.type_name, "shares a weight quantized above"))
+            continue
+        if isinstance(weight, TorchqTensor):
+            raise ValueError(
+                f"layer {name!r} is already quantized ({type(weight).__name__}, {getattr(weight, 'scheme', '?')}); "
+                "exclude it with filter_fn or an override of None to quantize other layers"
+            )
+        reason = _check_weight(name, weight)
+        if reason:
+            logger.warning("torchq: skipping %s: %s", name, reason)
+            report.layers.append(LayerReport(name, "skipped", cfg.type_name, reason))
+            continue
+        qweight, note = get_handler(cfg)(weight.detach(), cfg)
+        param = nn.Parameter(qweight, requires_grad=False)
+        status = "padded" if note.startswith("padded") else "quantized"
+        if id(weight) in tied:
+            emb_name = tied[id(weight)]
+            modules[emb_name].weight = param
+            status = "tied"
+            note = f"shared with embedding {emb_name!r}" + (f"; {note}" if note else "")
+        done[id(weight)] = param
+        module.weight = param
+        report.layers.append(LayerReport(name, status, cfg.type_name, note))
+    logger.info("%s", report.summary())
+    logger.debug("%s", report)
+    return report

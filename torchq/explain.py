@@ -1,0 +1,56 @@
+"""``torchq.explain(model)``: which scheme, layout and kernel every quantized layer runs."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .tensors.base import TorchqTensor
+
+__all__ = ["explain", "explain_rows"]
+
+
+def explain_rows(model: nn.Module) -> list[dict]:
+    """One dict per module whose ``weight`` is a torchq tensor (linear or tied embedding)."""
+    rows = []
+    for name, mod in model.named_modules():
+        w = getattr(mod, "weight", None)
+        if not isinstance(w, TorchqTensor):
+            continue
+        rows.append(
+            dict(
+                layer=name,
+                kind=type(mod).__name__,
+                scheme=getattr(w, "scheme", "?"),
+                layout=getattr(w, "quant_layout", "?"),
+                kernel=getattr(w, "kernel", "?"),
+                shape="x".join(str(s) for s in w.shape),
+                bytes=w.nbytes_quantized,
+            )
+        )
+    return rows
+
+
+def explain(model: nn.Module, print_table: bool = True) -> str:
+    """A table of every quantized layer: scheme, layout, kernel, weight bytes. Printed and returned.
+
+    A weight shared by several modules (tied embedding / LM head) is listed under each but
+    counted once in the total.
+    """
+    rows = explain_rows(model)
+    headers = ["layer", "kind", "scheme", "layout", "kernel", "shape", "bytes"]
+    cells = [[str(r[h]) for h in headers] for r in rows]
+    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(headers)]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    lines = [fmt.format(*headers), fmt.format(*["-" * w for w in widths])]
+    lines += [fmt.format(*c) for c in cells]
+    seen, total = set(), 0
+    for _, mod in model.named_modules():
+        w = getattr(mod, "weight", None)
+        if isinstance(w, TorchqTensor) and id(w) not in seen:
+            seen.add(id(w))
+            total += w.nbytes_quantized
+    lines.append(f"{len(rows)} quantized modules, {total} bytes of quantized weights")
+    text = "\n".join(lines)
+    if print_table:
+        print(text)
+    return text

@@ -1,0 +1,28 @@
+"""Numerical definitions of torchq's formats, in plain PyTorch (the source of truth)."""
+
+from .activation import fake_quantize_per_token_int8, quantize_per_token_int8, quantize_per_token_uint8
+from .affine import (
+    ZeroPointDomain,
+    block_size_for,
+    choose_qparams_affine,
+    dequantize_affine,
+    fake_quantize_affine,
+    quant_range,
+    quantize_affine,
+)
+from .packing import pack_int4, unpack_int4
+
+__all__ = [
+    "ZeroPointDomain",
+    "block_size_for",
+    "choose_qparams_affine",
+    "dequantize_affine",
+    "fake_quantize_affine",
+    "quant_range",
+    "quantize_affine",
+    "pack_int4",
+    "unpack_int4",
+    "quantize_per_token_int8",
+    "quantize_per_token_uint8",
+    "fake_quantize_per_token_int8",
+]
