@@ -26,10 +26,19 @@ from .configs import (
     intx_weight_only,
     register_config,
 )
+from .codebook_configs import (
+    FP4WeightOnlyConfig,
+    NF4WeightOnlyConfig,
+    fp4_e2m1,
+    fp4_e2m1_bnb,
+    fp4_weight_only,
+    nf4_weight_only,
+)
+from . import codebook_handlers  # noqa: F401  (registers the NF4 / FP4 handlers)
 from .explain import explain
 from .handlers import register_handler
 from .serialization import load_file, save_file
-from .tensors import AffineQuantizedTensor, TorchqTensor
+from .tensors import AffineQuantizedTensor, Codebook4Tensor, TorchqTensor
 
 __version__ = "0.1.0"
 
@@ -41,6 +50,7 @@ __all__ = [
     "save_file",
     "load_file",
     "AffineQuantizedTensor",
+    "Codebook4Tensor",
     "TorchqTensor",
     "QuantConfig",
     "register_config",
@@ -57,4 +67,10 @@ __all__ = [
     "intx_weight_only",
     "int8_dynamic_activation_int8_weight",
     "int8_dynamic_activation_int4_weight",
+    "NF4WeightOnlyConfig",
+    "FP4WeightOnlyConfig",
+    "nf4_weight_only",
+    "fp4_weight_only",
+    "fp4_e2m1",
+    "fp4_e2m1_bnb",
 ]
