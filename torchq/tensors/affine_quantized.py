@@ -404,7 +404,8 @@ def _copy_(func, types, args, kwargs):
 
 @AffineQuantizedTensor.implements(aten.slice.Tensor)
 def _slice(func, types, args, kwargs):
-    self, dim, start, end, step = (list(args) + [0, None, None, 1])[:5]
+    defaults = [None, 0, None, None, 1]
+    self, dim, start, end, step = list(args) + defaults[len(args) :]
     n, k = self.shape
     dim = dim % 2
     size = (n, k)[dim]
