@@ -135,14 +135,12 @@ def get_codebook(name: str) -> Codebook:
         raise ValueError(f"unknown 4-bit codebook format {name!r}; known: {sorted(CODEBOOK_FORMATS)}") from None
 
 
-@lru_cache(maxsize=None)
-def _table_cached(name: str, device: str) -> torch.Tensor:
-    return torch.tensor(get_codebook(name).values, dtype=torch.float32, device=device)
-
-
 def codebook_values(name: str, device=None) -> torch.Tensor:
-    """The 16 fp32 table entries of format ``name``, indexed by code (a fresh tensor)."""
-    return _table_cached(name, str(torch.device(device or "cpu"))).clone()
+    """The 16 fp32 table entries of format ``name``, indexed by code (a fresh tensor).
+
+    Built from Python floats on every call (16 values: cheap) so that it is also a fresh
+    constant under ``torch.compile`` tracing, where a cached real tensor would not be."""
+    return torch.tensor(get_codebook(name).values, dtype=torch.float32, device=device)
 
 
 @lru_cache(maxsize=None)
@@ -196,7 +194,7 @@ def dequantize_codebook(
 ) -> torch.Tensor:
     """``values[codes] * scale`` per block, computed in fp32 and cast to ``dtype``."""
     rows, k = codes.shape
-    table = _table_cached(fmt, str(codes.device))
+    table = codebook_values(fmt, codes.device)
     vals = table[codes.long()].reshape(rows, k // block_size, block_size)
     return (vals * scale.float().unsqueeze(-1)).reshape(rows, k).to(dtype)
 
@@ -235,9 +233,15 @@ def _dynamic_map_cached(device: str) -> torch.Tensor:
     return values.to(device)
 
 
+@lru_cache(maxsize=None)
+def _dynamic_map_values() -> tuple[float, ...]:
+    return tuple(_dynamic_map_cached("cpu").tolist())
+
+
 def dynamic_map(device=None) -> torch.Tensor:
-    """bitsandbytes' signed 8-bit "dynamic" code: 256 sorted fp32 values in [-0.993, 1]."""
-    return _dynamic_map_cached(str(torch.device(device or "cpu"))).clone()
+    """bitsandbytes' signed 8-bit "dynamic" code: 256 sorted fp32 values in [-0.993, 1]
+    (a fresh tensor built from cached Python floats, so ``torch.compile`` can trace it)."""
+    return torch.tensor(_dynamic_map_values(), dtype=torch.float32, device=device)
 
 
 def dynamic_map_digest() -> str:
@@ -284,7 +288,7 @@ def quantize_blockwise_dynamic(x: torch.Tensor, block: int = DOUBLE_QUANT_BLOCK)
 def dequantize_blockwise_dynamic(codes: torch.Tensor, absmax: torch.Tensor, block: int = DOUBLE_QUANT_BLOCK) -> torch.Tensor:
     """Inverse of :func:`quantize_blockwise_dynamic`: ``dynamic[codes] * absmax[i // block]`` (fp32)."""
     n = codes.numel()
-    code = _dynamic_map_cached(str(codes.device))
+    code = dynamic_map(codes.device)
     idx = torch.arange(n, device=codes.device) // block
     return code[codes.reshape(-1).long()] * absmax.float()[idx]
 

@@ -359,9 +359,10 @@ def _copy_(func, types, args, kwargs):
             "load_state_dict(..., assign=True), or quantize the model the same way before loading"
         )
     if not isinstance(src, Codebook4Tensor):
+        what = type(src).__name__ if isinstance(src, TorchqTensor) else "float tensor"
         raise TypeError(
-            f"cannot copy a {type(src).__name__} {tuple(src.shape)} into a 4-bit codebook weight {tuple(dst.shape)}: "
-            "quantize the model with the checkpoint's config, or load with assign=True"
+            f"cannot copy a {what} {tuple(src.shape)} into a 4-bit codebook weight {tuple(dst.shape)}: quantize "
+            "the float model after loading, quantize it with the checkpoint's config, or load with assign=True"
         )
     a, b = dst.format_signature(), src.format_signature()
     if a != b:
@@ -383,7 +384,8 @@ def _slice(func, types, args, kwargs):
     """Rows: any range. Columns: whole blocks only. A double-quantized weight keeps its
     second-level statistics when a row slice starts on a 256-scale boundary; otherwise the
     slice stores its decoded fp32 scales (the same values, so the same dequantized weight)."""
-    self, dim, start, end, step = (list(args) + [0, None, None, 1])[:5]
+    defaults = [None, 0, None, None, 1]
+    self, dim, start, end, step = list(args) + defaults[len(args) :]
     n, k = self.shape
     dim = dim % 2
     size = (n, k)[dim]
