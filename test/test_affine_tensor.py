@@ -230,3 +230,20 @@ def test_zero_rows_quantize_to_exact_zeros():
     for scheme in SCHEMES:
         qw = make(w, scheme)
         assert torch.equal(qw.dequantize()[2], torch.zeros(64))
+
+
+def test_aten_mm_addmm_paths_run_the_same_kernel():
+    """x @ w.t(), x @ w.T and addmm(bias, x, w.t()) equal F.linear (the aten path under compile)."""
+    torch.manual_seed(0)
+    qw = make(torch.randn(16, 64), "w4a8", 32)
+    x = torch.randn(2, 3, 64)
+    b = torch.randn(16)
+    y = F.linear(x, qw, b)
+    assert torch.equal(x @ qw.t() + b, y)
+    assert torch.equal(torch.matmul(x, qw.T) + b, y)
+    assert torch.equal(torch.addmm(b, x[0], qw.t()), F.linear(x[0], qw, b))
+    assert type(qw.t().t()) is AffineQuantizedTensor
+    with pytest.raises(NotImplementedError, match="right operand of mm"):
+        qw.t() @ torch.randn(16, 2)
+    with pytest.raises(NotImplementedError, match="alpha = beta = 1"):
+        torch.addmm(b, x[0], qw.t(), beta=2)

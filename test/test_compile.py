@@ -58,3 +58,17 @@ def test_graph_break_would_be_caught():
 
     with pytest.raises(Exception, match="graph_break|Graph break"):
         torch.compile(broken, fullgraph=True, backend="eager")(x)
+
+
+def test_matmul_with_transposed_weight_compiles():
+    model, x = model_and_input(torch.float32)
+    torchq.quantize_(model, CONFIGS["int4_weight_only"])
+    w = model[0].weight
+
+    def f(inp):
+        return inp @ w.t()
+
+    counter = CompileCounterWithBackend("inductor")
+    out = torch.compile(f, fullgraph=True, backend=counter)(x)
+    assert counter.frame_count == 1
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)

@@ -107,6 +107,7 @@ class TorchqTensor(torch.Tensor):
         def decorator(fn):
             for op in ops:
                 cls._dispatch_table[op] = fn
+            _clear_lookup_caches()
             return fn
 
         return decorator
@@ -119,12 +120,26 @@ class TorchqTensor(torch.Tensor):
         def decorator(fn):
             for f in funcs:
                 cls._function_table[f] = fn
+            _clear_lookup_caches()
             return fn
 
         return decorator
 
     @classmethod
     def _lookup(cls, table: str, func) -> Optional[Callable]:
+        cache = cls.__dict__.get("_resolved")
+        if cache is None:
+            cache = {}
+            setattr(cls, "_resolved", cache)
+        key = (table, func)
+        if key in cache:
+            return cache[key]
+        impl = cls._lookup_uncached(table, func)
+        cache[key] = impl
+        return impl
+
+    @classmethod
+    def _lookup_uncached(cls, table: str, func) -> Optional[Callable]:
         for klass in cls.__mro__:
             entries = klass.__dict__.get(table)
             if entries is None:
@@ -166,6 +181,15 @@ class TorchqTensor(torch.Tensor):
                 f"Supported: {', '.join(cls.supported_ops())}"
             )
         return impl(func, types, args, kwargs)
+
+
+def _clear_lookup_caches() -> None:
+    """Registration may change what a subclass resolves to: drop every resolved-lookup cache."""
+    stack = [TorchqTensor]
+    while stack:
+        klass = stack.pop()
+        klass.__dict__.get("_resolved", {}).clear()
+        stack.extend(klass.__subclasses__())
 
 
 # ---------------------------------------------------------------------- shared ops
