@@ -192,11 +192,25 @@ def test_unknown_ops_raise():
     with pytest.raises(NotImplementedError, match="Codebook4Tensor does not support"):
         t + 1
     with pytest.raises(NotImplementedError, match="no silent dequantize"):
-        torch.matmul(torch.randn(3, 160), t.t())
+        torch.cat([t, t])
     with pytest.raises(NotImplementedError, match="quantized \\*input\\*"):
         F.linear(t, t)
     with pytest.raises(RuntimeError, match="input has 100 features"):
         F.linear(torch.randn(2, 100), t)
+
+
+@pytest.mark.parametrize("dq", [False, True])
+def test_aten_mm_addmm_paths_run_the_same_kernel(dq):
+    t = _weight(dq, n=16, k=64)
+    x = torch.randn(2, 3, 64)
+    b = torch.randn(16)
+    y = F.linear(x, t, b)
+    assert torch.equal(x @ t.t() + b, y)
+    assert torch.equal(torch.matmul(x, t.T) + b, y)
+    assert torch.equal(torch.addmm(b, x[0], t.t()), F.linear(x[0], t, b))
+    assert type(t.t().t()) is Codebook4Tensor
+    with pytest.raises(NotImplementedError, match="right operand of mm"):
+        t.t() @ torch.randn(16, 2)
 
 
 def test_copy_checks_formats():
@@ -291,7 +305,7 @@ def test_checkpoint_version_and_format_are_checked():
     state = _weight().checkpoint_state()
     with pytest.raises(ValueError, match="version 2 is not supported"):
         Codebook4Tensor.from_checkpoint_state({**state, "version": 2})
-    with pytest.raises(ValueError, match="not a torchq codebook4 tensor"):
+    with pytest.raises(ValueError, match="not a torchq.codebook4 tensor"):
         Codebook4Tensor.from_checkpoint_state({**state, "format": "torchq.affine"})
     with pytest.raises(ValueError, match="scale must be fp32"):
         Codebook4Tensor.from_checkpoint_state({**state, "scale": state["scale"][:, :2]})

@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from ..kernels.registry import get_kernel, select_kernel
+from ..kernels.registry import select_kernel
 from ..primitives.codebook import (
     BLOCK_SIZES,
     CODEBOOK_FORMATS,
@@ -39,7 +39,16 @@ from ..primitives.codebook import (
     unpack_codes,
 )
 from ..serialization import register_format
+from .affine_quantized import _transpose, quantized_linear
 from .base import TorchqTensor
+from .common import (
+    check_checkpoint_header,
+    checkpoint_header,
+    copy_same_format,
+    embedding_arguments,
+    inner_nbytes,
+    slice_bounds,
+)
 from .layouts import Layout, get_layout, register_layout
 
 __all__ = ["Codebook4Tensor", "CODEBOOK4_LAYOUT", "FORMAT_NAME", "FORMAT_VERSION", "BLOCK_SIZES"]
@@ -228,11 +237,7 @@ class Codebook4Tensor(TorchqTensor):
     @property
     def nbytes_quantized(self) -> int:
         """Bytes of every inner tensor (packed codes and scales, double-quantized or not)."""
-        return sum(
-            getattr(self, n).numel() * getattr(self, n).element_size()
-            for n in _TENSOR_FIELDS + _OPTIONAL_FIELDS
-            if getattr(self, n) is not None
-        )
+        return inner_nbytes(self)
 
     def __repr__(self) -> str:
         pad = f", padded_in_features={self.padded_in_features}" if self.padded_in_features != self.shape[1] else ""
@@ -251,12 +256,7 @@ class Codebook4Tensor(TorchqTensor):
         return {n: getattr(self, n) for n in self.meta_fields if n not in ("quant_layout", "kernel")}
 
     def checkpoint_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "shape": tuple(self.shape),
-            "dtype": str(self.dtype).removeprefix("torch."),
-        }
+        state = checkpoint_header(self, FORMAT_NAME, FORMAT_VERSION)
         state.update(self._meta())
         for name, value in self.canonical_tensors().items():
             if value is not None:
@@ -265,13 +265,7 @@ class Codebook4Tensor(TorchqTensor):
 
     @classmethod
     def from_checkpoint_state(cls, state: dict[str, Any]) -> "Codebook4Tensor":
-        if state.get("format") != FORMAT_NAME:
-            raise ValueError(f"not a torchq codebook4 tensor: format {state.get('format')!r}")
-        if state.get("version") != FORMAT_VERSION:
-            raise ValueError(
-                f"torchq codebook4 tensor format version {state.get('version')} is not supported by this torchq "
-                f"(reads version {FORMAT_VERSION}); upgrade torchq"
-            )
+        check_checkpoint_header(state, FORMAT_NAME, FORMAT_VERSION)
         meta = {n: state[n] for n in cls.meta_fields if n not in ("quant_layout", "kernel")}
         meta["double_quant"] = bool(meta["double_quant"])
         tensors = {n: state.get(n) for n in _TENSOR_FIELDS + _OPTIONAL_FIELDS}
@@ -309,22 +303,17 @@ def _f_linear(func, types, args, kwargs):
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
     if not isinstance(w, Codebook4Tensor) or isinstance(x, Codebook4Tensor):
         raise NotImplementedError("F.linear with a quantized *input* is not supported; only the weight may be quantized")
-    if x.shape[-1] != w.shape[1]:
-        raise RuntimeError(
-            f"linear: input has {x.shape[-1]} features but the quantized weight expects {w.shape[1]} "
-            f"(weight shape {tuple(w.shape)})"
-        )
-    return get_kernel(w.kernel).linear(x, w, bias)
+    return quantized_linear(x, w, bias)
+
+
+# x @ w.t() / addmm: the transposed wrapper runs the same kernel as F.linear
+Codebook4Tensor.implements([aten.t.default, aten.transpose.int, aten.permute.default])(_transpose)
 
 
 @Codebook4Tensor.implements_function(F.embedding)
 def _f_embedding(func, types, args, kwargs):
-    names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
-    bound = dict(zip(names, args))
-    bound.update(kwargs)
-    if bound.get("max_norm") is not None:
-        raise NotImplementedError("F.embedding with max_norm would renormalize quantized rows in place; not supported")
-    return embedding_lookup(bound["input"], bound["weight"])
+    indices, weight = embedding_arguments(args, kwargs)
+    return embedding_lookup(indices, weight)
 
 
 @Codebook4Tensor.implements(aten.embedding.default)
@@ -352,31 +341,7 @@ def embedding_lookup(indices: torch.Tensor, weight: Codebook4Tensor) -> torch.Te
 # ---------------------------------------------------------------------- copy_ / slicing
 @Codebook4Tensor.implements(aten.copy_.default)
 def _copy_(func, types, args, kwargs):
-    dst, src = args[0], args[1]
-    if not isinstance(dst, Codebook4Tensor):
-        raise TypeError(
-            f"cannot copy a quantized tensor {tuple(src.shape)} into a float tensor: load the checkpoint with "
-            "load_state_dict(..., assign=True), or quantize the model the same way before loading"
-        )
-    if not isinstance(src, Codebook4Tensor):
-        what = type(src).__name__ if isinstance(src, TorchqTensor) else "float tensor"
-        raise TypeError(
-            f"cannot copy a {what} {tuple(src.shape)} into a 4-bit codebook weight {tuple(dst.shape)}: quantize "
-            "the float model after loading, quantize it with the checkpoint's config, or load with assign=True"
-        )
-    a, b = dst.format_signature(), src.format_signature()
-    if a != b:
-        diff = {k: (a[k], b.get(k)) for k in a if a[k] != b.get(k)}
-        raise ValueError(
-            "quantized formats differ (model vs checkpoint): "
-            + ", ".join(f"{k}: {v[0]} vs {v[1]}" for k, v in diff.items())
-        )
-    incoming = get_layout(dst.quant_layout).to_layout(src.canonical_tensors())
-    for name in _TENSOR_FIELDS + _OPTIONAL_FIELDS:
-        target = getattr(dst, name)
-        if target is not None:
-            target.copy_(incoming[name])
-    return dst
+    return copy_same_format(args[0], args[1], Codebook4Tensor)
 
 
 @Codebook4Tensor.implements(aten.slice.Tensor)
@@ -384,15 +349,9 @@ def _slice(func, types, args, kwargs):
     """Rows: any range. Columns: whole blocks only. A double-quantized weight keeps its
     second-level statistics when a row slice starts on a 256-scale boundary; otherwise the
     slice stores its decoded fp32 scales (the same values, so the same dequantized weight)."""
-    defaults = [None, 0, None, None, 1]
-    self, dim, start, end, step = list(args) + defaults[len(args) :]
+    self = args[0]
     n, k = self.shape
-    dim = dim % 2
-    size = (n, k)[dim]
-    start = 0 if start is None else min(max(start + size if start < 0 else start, 0), size)
-    end = size if end is None else min(max(end + size if end < 0 else end, 0), size)
-    if step != 1:
-        raise NotImplementedError("slicing a quantized weight with step != 1 is not supported")
+    dim, start, end = slice_bounds(args, (n, k))
     c = self.canonical_tensors()
     bs = self.block_size
     blocks = self.padded_in_features // bs
