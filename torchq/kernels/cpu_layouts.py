@@ -1,0 +1,192 @@
+"""Tiled storage layouts of the C++ CPU kernels (``torchq/kernels/csrc``).
+
+Output rows are grouped in tiles of 16 so that one SIMD register (or two) holds one value
+per row; a partial last tile keeps its real row count. Every layout tensor has the *same
+shape and dtype* as its canonical counterpart (only the order of the bytes differs), so
+``N``, ``K`` and the group count are always recoverable and sizes are unchanged.
+
+* ``cpu_int4_tile16`` (canonical ``packed_int4``): per tile ``[K/8 chunks][rows][4 bytes]``;
+  byte ``b`` of a row's 4-byte lane holds code ``8c+b`` in its low nibble and ``8c+4+b``
+  in its high nibble (unpacking low/high nibbles gives 4 consecutive k each, which is
+  what the int8 dot products and the fp32 nibble extraction want).
+* ``cpu_int8_k16`` (canonical ``plain_int8``, weight-only): per tile ``[K][rows]``.
+* ``cpu_int8_k4x16`` (canonical ``plain_int8``, W8A8): per tile ``[K/4][rows][4]`` then
+  ``[rows][K % 4]``.
+* ``scale`` / ``zero_point`` ``(N, groups)`` of all three: per tile ``[groups][rows]``.
+  ``act_scale`` and ``perm`` are left as they are.
+
+Checkpoints always hold the canonical form (``AffineQuantizedTensor.canonical_tensors``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from ..primitives.packing import pack_int4, unpack_int4
+from ..tensors.layouts import Layout, register_layout
+
+__all__ = ["TILE", "INT4_TILE16", "INT8_K16", "INT8_K4X16"]
+
+TILE = 16
+Fields = dict[str, Optional[torch.Tensor]]
+
+
+def _tile(a: torch.Tensor, inner: Callable[[torch.Tensor], torch.Tensor], shape=None) -> torch.Tensor:
+    """Apply ``inner`` to ``a`` (N, ...) viewed as tiles (T, rows, ...) - the full tiles,
+    then the partial tail - and return the results flattened into ``shape`` (default
+    ``a.shape``)."""
+    n = a.shape[0]
+    full = n // TILE * TILE
+    parts = []
+    if full:
+        parts.append(inner(a[:full].reshape(full // TILE, TILE, *a.shape[1:])).reshape(-1))
+    if n > full:
+        parts.append(inner(a[full:].unsqueeze(0)).reshape(-1))
+    return torch.cat(parts).reshape(a.shape if shape is None else shape)
+
+
+def _untile(flat: torch.Tensor, inner: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+    """Inverse of :func:`_tile` for a tiled tensor ``flat`` (N, per_row):
+    ``inner(block (T, rows * per_row), rows)`` returns the tiles' rows (T, rows, ...) in
+    canonical order; the result is (N, ...)."""
+    n, per_row = flat.shape[0], flat.shape[1]
+    full = n // TILE * TILE
+    data = flat.reshape(-1)
+    parts = []
+    if full:
+        b = inner(data[: full * per_row].reshape(full // TILE, TILE * per_row), TILE)
+        parts.append(b.reshape(full, *b.shape[2:]))
+    if n > full:
+        b = inner(data[full * per_row :].reshape(1, -1), n - full)
+        parts.append(b.reshape(n - full, *b.shape[2:]))
+    return torch.cat(parts)
+
+
+# ---------------------------------------------------------------------- parameters
+def _params_to(p: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if p is None:
+        return None
+    return _tile(p.contiguous(), lambda b: b.transpose(1, 2).contiguous())
+
+
+def _params_from(p: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if p is None:
+        return None
+    groups = p.shape[1]
+    return _untile(p, lambda b, rows: b.reshape(b.shape[0], groups, rows).transpose(1, 2))
+
+
+def _with_params(fields: Fields, fn) -> Fields:
+    out = dict(fields)
+    out["scale"] = fn(fields["scale"])
+    out["zero_point"] = fn(fields.get("zero_point"))
+    return out
+
+
+# ---------------------------------------------------------------------- int4
+def _int4_to(fields: Fields) -> Fields:
+    q = fields["qdata"]
+    codes = unpack_int4(q)  # (N, Kp)
+    kp = codes.shape[1]
+
+    def inner(b: torch.Tensor) -> torch.Tensor:  # (T, rows, Kp) codes -> (T, C, rows, 4) bytes
+        t, rows = b.shape[:2]
+        x = b.reshape(t, rows, kp // 8, 2, 4).permute(0, 2, 1, 4, 3)
+        return x[..., 0] | (x[..., 1] << 4)
+
+    out = _with_params(fields, _params_to)
+    out["qdata"] = _tile(codes, inner, q.shape)
+    return out
+
+
+def _int4_from(fields: Fields) -> Fields:
+    q = fields["qdata"]
+    kp = q.shape[1] * 2
+
+    def inner(b: torch.Tensor, rows: int) -> torch.Tensor:  # (T, C*rows*4) bytes -> (T, rows, Kp) codes
+        t = b.shape[0]
+        x = b.reshape(t, kp // 8, rows, 4)
+        x = torch.stack((x & 0x0F, x >> 4), dim=-1)  # (T, C, rows, 4, 2)
+        return x.permute(0, 2, 1, 4, 3).reshape(t, rows, kp)
+
+    out = _with_params(fields, _params_from)
+    out["qdata"] = pack_int4(_untile(q, inner))
+    return out
+
+
+# ---------------------------------------------------------------------- int8, [K][rows]
+def _k16_to(fields: Fields) -> Fields:
+    out = _with_params(fields, _params_to)
+    out["qdata"] = _tile(fields["qdata"].contiguous(), lambda b: b.transpose(1, 2).contiguous())
+    return out
+
+
+def _k16_from(fields: Fields) -> Fields:
+    q = fields["qdata"]
+    kp = q.shape[1]
+    out = _with_params(fields, _params_from)
+    out["qdata"] = _untile(q, lambda b, rows: b.reshape(b.shape[0], kp, rows).transpose(1, 2))
+    return out
+
+
+# ---------------------------------------------------------------------- int8, [K/4][rows][4] + [rows][K%4]
+def _k4_to(fields: Fields) -> Fields:
+    q = fields["qdata"].contiguous()
+    kp = q.shape[1]
+    k4 = kp // 4 * 4
+
+    def inner(b: torch.Tensor) -> torch.Tensor:  # (T, rows, Kp) -> (T, rows*Kp)
+        t, rows = b.shape[:2]
+        main = b[:, :, :k4].reshape(t, rows, k4 // 4, 4).permute(0, 2, 1, 3).reshape(t, -1)
+        return torch.cat([main, b[:, :, k4:].reshape(t, -1)], dim=1)
+
+    out = _with_params(fields, _params_to)
+    out["qdata"] = _tile(q, inner)
+    return out
+
+
+def _k4_from(fields: Fields) -> Fields:
+    q = fields["qdata"]
+    kp = q.shape[1]
+    k4 = kp // 4 * 4
+
+    def inner(b: torch.Tensor, rows: int) -> torch.Tensor:  # (T, rows*Kp) -> (T, rows, Kp)
+        t = b.shape[0]
+        main = b[:, : rows * k4].reshape(t, k4 // 4, rows, 4).permute(0, 2, 1, 3).reshape(t, rows, k4)
+        tail = b[:, rows * k4 :].reshape(t, rows, kp - k4)
+        return torch.cat([main, tail], dim=2)
+
+    out = _with_params(fields, _params_from)
+    out["qdata"] = _untile(q, inner)
+    return out
+
+
+INT4_TILE16 = register_layout(
+    Layout(
+        "cpu_int4_tile16",
+        "packed_int4",
+        "int4 codes tiled by 16 rows, [K/8][16][4 bytes] per tile; params [groups][16] per tile (C++ CPU kernels)",
+        _int4_to,
+        _int4_from,
+    )
+)
+INT8_K16 = register_layout(
+    Layout(
+        "cpu_int8_k16",
+        "plain_int8",
+        "int8 codes tiled by 16 rows, [K][16] per tile; params [groups][16] per tile (C++ CPU kernels)",
+        _k16_to,
+        _k16_from,
+    )
+)
+INT8_K4X16 = register_layout(
+    Layout(
+        "cpu_int8_k4x16",
+        "plain_int8",
+        "int8 codes tiled by 16 rows, [K/4][16][4] + [16][K%4] per tile (C++ CPU W8A8 kernel)",
+        _k4_to,
+        _k4_from,
+    )
+)

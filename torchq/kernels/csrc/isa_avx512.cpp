@@ -1,0 +1,15 @@
+// AVX-512 (F, BW, VL, DQ, VNNI) build of the generic kernels; selected only on hosts with
+// all of these (see ops.cpp). No torch or standard C++ headers here (see kernel_api.h).
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")
+#endif
+#include "vec_avx512.h"
+typedef VecAVX512 V;
+#define TQ_TABLE_FN table_avx512
+#define TQ_TABLE_NAME "avx512"
+#include "kernels_impl.h"
+#if defined(__clang__)
+#pragma clang attribute pop
+#endif

@@ -1,0 +1,407 @@
+// torchq CPU operators: schemas (TORCH_LIBRARY), CPU implementations, ISA selection and
+// threading. The arithmetic lives in the per-ISA units (isa_*.cpp, kernels_impl.h); this
+// unit validates arguments, prepares activations, and splits the weight tiles over
+// threads with at::parallel_for (built with OpenMP, so torch.set_num_threads governs it).
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cpuid.h>
+#include <string>
+#include <vector>
+
+#include "kernel_api.h"
+
+namespace {
+using namespace torchq_k;
+
+// ------------------------------------------------------------------ ISA detection
+enum Isa : int64_t { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+
+uint64_t xcr0() {
+  uint32_t lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return ((uint64_t)hi << 32) | lo;
+}
+
+int64_t detect_supported() {
+  int64_t mask = 1 << ISA_SCALAR;
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return mask;
+  const bool osxsave = c & (1u << 27), avx = c & (1u << 28), fma = c & (1u << 12), f16c = c & (1u << 29);
+  if (!(osxsave && avx)) return mask;
+  const uint64_t xcr = xcr0();
+  if ((xcr & 0x6) != 0x6) return mask;  // SSE + AVX state enabled by the OS
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return mask;
+  const bool avx2 = b & (1u << 5);
+  if (avx2 && fma && f16c) mask |= 1 << ISA_AVX2;
+  const bool f = b & (1u << 16), dq = b & (1u << 17), bw = b & (1u << 30), vl = b & (1u << 31);
+  const bool vnni = c & (1u << 11);
+  if ((mask & (1 << ISA_AVX2)) && f && dq && bw && vl && vnni && (xcr & 0xE6) == 0xE6) mask |= 1 << ISA_AVX512;
+  return mask;
+}
+
+const int64_t kSupported = detect_supported();
+std::atomic<int64_t> g_isa{(kSupported & (1 << ISA_AVX512)) ? ISA_AVX512
+                           : (kSupported & (1 << ISA_AVX2)) ? ISA_AVX2
+                                                            : ISA_SCALAR};
+
+const KernelTable* table() {
+  switch (g_isa.load(std::memory_order_relaxed)) {
+    case ISA_AVX512: return table_avx512();
+    case ISA_AVX2: return table_avx2();
+    default: return table_scalar();
+  }
+}
+
+// Tunables (M thresholds of the dequantize + GEMM paths); -1 restores the default.
+std::atomic<int64_t> g_int4_gemm_min_m{8};
+std::atomic<int64_t> g_int8_gemm_min_m{8};
+
+int64_t supported_isas() { return kSupported; }
+int64_t get_isa() { return g_isa.load(); }
+void set_isa(int64_t isa) {
+  TORCH_CHECK(isa >= 0 && isa <= 2, "torchq: unknown ISA id ", isa);
+  TORCH_CHECK(kSupported & (1 << isa), "torchq: this CPU does not support the requested ISA id ", isa,
+              " (supported mask ", kSupported, ")");
+  g_isa.store(isa);
+}
+int64_t tune(std::string name, int64_t value) {
+  std::atomic<int64_t>* p = nullptr;
+  int64_t dflt = 0;
+  if (name == "int4_gemm_min_m") {
+    p = &g_int4_gemm_min_m;
+    dflt = 8;
+  } else if (name == "int8_gemm_min_m") {
+    p = &g_int8_gemm_min_m;
+    dflt = 8;
+  }
+  TORCH_CHECK(p, "torchq: unknown tunable '", name, "' (known: int4_gemm_min_m, int8_gemm_min_m)");
+  return p->exchange(value < 0 ? dflt : value);
+}
+
+// ------------------------------------------------------------------ argument helpers
+int32_t float_dt(const at::Tensor& t, const char* what) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DT_F32;
+    case at::kHalf: return DT_F16;
+    case at::kBFloat16: return DT_BF16;
+    default: TORCH_CHECK(false, "torchq: ", what, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+  return DT_F32;
+}
+
+// Activations viewed as (M, K) with unit stride along K.
+at::Tensor rows_of(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() >= 1, "torchq: activations need at least one dimension");
+  at::Tensor x2 = x.reshape({-1, x.size(-1)});
+  if (x2.size(1) > 1 && x2.stride(1) != 1) x2 = x2.contiguous();
+  if (x2.size(0) > 1 && x2.stride(0) < x2.size(1)) x2 = x2.contiguous();
+  return x2;
+}
+
+std::vector<int64_t> out_shape(const at::Tensor& x, int64_t n) {
+  std::vector<int64_t> s(x.sizes().begin(), x.sizes().end());
+  s.back() = n;
+  return s;
+}
+
+// Zero-padded 16-row copy of the partial last tile of a tiled tensor whose per-tile block
+// is [outer][rows][unit] bytes (plus, for W8A8, a trailing [rows][tail_unit] block).
+at::Tensor pad_tail(const uint8_t* base, int64_t n_full, int64_t rows, int64_t outer, int64_t unit,
+                    int64_t tail_unit) {
+  const int64_t full_block = TILE * (outer * unit + tail_unit);
+  at::Tensor out = at::zeros({full_block}, at::kByte);
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  const uint8_t* src = base + n_full * full_block;
+  for (int64_t o = 0; o < outer; ++o)
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t u = 0; u < unit; ++u) dst[(o * TILE + r) * unit + u] = src[(o * rows + r) * unit + u];
+  const uint8_t* st = src + outer * rows * unit;
+  uint8_t* dt = dst + outer * TILE * unit;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t u = 0; u < tail_unit; ++u) dt[r * tail_unit + u] = st[r * tail_unit + u];
+  return out;
+}
+
+struct Prepared {
+  QWeight q;
+  std::vector<at::Tensor> keep;  // tail copies
+};
+
+// Validate and describe a tiled weight. bytes_per_k: code bytes per row per input
+// feature times 2 (int4: 1, int8: 2) -> Kp = qdata.size(1) * 2 / bytes_per_k2.
+Prepared prepare_weight(const at::Tensor& qdata, const at::Tensor& scale, const c10::optional<at::Tensor>& zero,
+                        int64_t group, int64_t qmin, int64_t K, bool int4, bool k4x16) {
+  TORCH_CHECK(qdata.device().is_cpu() && scale.device().is_cpu(), "torchq: CPU kernels need CPU tensors");
+  TORCH_CHECK(qdata.dim() == 2 && qdata.is_contiguous(), "torchq: qdata must be a contiguous 2-D tensor");
+  TORCH_CHECK(int4 ? qdata.scalar_type() == at::kByte : qdata.scalar_type() == at::kChar,
+              "torchq: qdata must be ", int4 ? "uint8 (packed int4)" : "int8", ", got ", qdata.scalar_type());
+  TORCH_CHECK(scale.dim() == 2 && scale.is_contiguous(), "torchq: scale must be a contiguous (N, groups) tensor");
+  Prepared p;
+  QWeight& q = p.q;
+  q.N = qdata.size(0);
+  q.Kp = int4 ? qdata.size(1) * 2 : qdata.size(1);
+  q.G = scale.size(1);
+  q.group = group;
+  q.K = K;
+  TORCH_CHECK(scale.size(0) == q.N, "torchq: scale has ", scale.size(0), " rows, qdata ", q.N);
+  TORCH_CHECK(group > 0 && q.G * group == q.Kp, "torchq: groups (", q.G, ") x group_size (", group,
+              ") != padded in_features (", q.Kp, ")");
+  TORCH_CHECK(K <= q.Kp && q.Kp - K < group, "torchq: input has ", K, " features; the weight holds ", q.Kp,
+              " padded features in groups of ", group);
+  TORCH_CHECK(!int4 || group % 8 == 0, "torchq: int4 kernels need group_size % 8 == 0, got ", group);
+  q.scale_dt = float_dt(scale, "scale");
+  q.scale = (const uint8_t*)scale.data_ptr();
+  q.qmin = (int32_t)qmin;
+  q.zero = nullptr;
+  q.zero_kind = ZK_NONE;
+  q.zero_dt = DT_F32;
+  if (zero.has_value()) {
+    const at::Tensor& z = *zero;
+    TORCH_CHECK(z.sizes() == scale.sizes() && z.is_contiguous(), "torchq: zero_point must be contiguous like scale");
+    if (z.scalar_type() == at::kChar) {
+      q.zero_kind = ZK_INT;
+    } else {
+      q.zero_kind = ZK_FLOAT;
+      q.zero_dt = float_dt(z, "float zero_point");
+    }
+    q.zero = (const uint8_t*)z.data_ptr();
+  }
+  q.w = (const uint8_t*)qdata.data_ptr();
+  q.tile_bytes = TILE * qdata.size(1);
+  q.n_full = q.N / TILE;
+  const int64_t rows = q.N % TILE;
+  q.tail_w = q.tail_scale = q.tail_zero = nullptr;
+  if (rows) {
+    int64_t outer, unit, tail_unit = 0;
+    if (int4) {
+      outer = q.Kp / 8, unit = 4;
+    } else if (k4x16) {
+      outer = q.Kp / 4, unit = 4, tail_unit = q.Kp % 4;
+    } else {
+      outer = q.Kp, unit = 1;
+    }
+    p.keep.push_back(pad_tail(q.w, q.n_full, rows, outer, unit, tail_unit));
+    q.tail_w = p.keep.back().data_ptr<uint8_t>();
+    p.keep.push_back(pad_tail(q.scale, q.n_full, rows, q.G, scale.element_size(), 0));
+    q.tail_scale = p.keep.back().data_ptr<uint8_t>();
+    if (q.zero) {
+      p.keep.push_back(pad_tail(q.zero, q.n_full, rows, q.G, zero->element_size(), 0));
+      q.tail_zero = p.keep.back().data_ptr<uint8_t>();
+    }
+  }
+  return p;
+}
+
+at::Tensor bias_f32(const c10::optional<at::Tensor>& bias, int64_t n) {
+  if (!bias.has_value()) return at::Tensor();
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "torchq: bias must have shape (", n, ")");
+  return bias->to(at::kFloat).contiguous();
+}
+
+Out make_out(at::Tensor& y, const at::Tensor& b) {
+  Out o;
+  o.y = y.data_ptr();
+  o.dt = float_dt(y, "output");
+  o.ldy = y.size(1);
+  o.bias = b.defined() ? b.data_ptr<float>() : nullptr;
+  o.raw = nullptr;
+  return o;
+}
+
+template <class Fn>
+void over_tiles(int64_t n, Fn&& fn) {
+  const int64_t tiles = (n + TILE - 1) / TILE;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) { fn(t0, t1); });
+}
+
+// ------------------------------------------------------------------ weight-only ops
+at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
+                              const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& bias,
+                              int64_t group, int64_t qmin, bool int4) {
+  const int32_t xdt = float_dt(x, "activations");
+  at::Tensor x2 = rows_of(x);
+  const int64_t M = x2.size(0), K = x2.size(1);
+  Prepared p = prepare_weight(qdata, scale, zero, group, qmin, K, int4, false);
+  const QWeight& q = p.q;
+  at::Tensor y = at::empty({M, q.N}, x.options());
+  if (M == 0) return y.view(out_shape(x, q.N));
+  at::Tensor b = bias_f32(bias, q.N);
+  Out o = make_out(y, b);
+  const KernelTable* kt = table();
+  const bool gemm = M >= (int4 ? g_int4_gemm_min_m : g_int8_gemm_min_m).load();
+  Acts a{};
+  a.M = M;
+  const auto fopt = x.options().dtype(at::kFloat);
+  at::Tensor xp, xsum, rs;
+  const bool need_sum = q.zero_kind != ZK_NONE || q.qmin != 0;
+  if (!gemm) {
+    xp = at::empty({M, q.Kp}, fopt);
+    xsum = at::empty({M, q.G}, fopt);
+    if (int4) {
+      rs = at::empty({M}, fopt);
+      kt->prep_int4_gemv(x2.data_ptr(), xdt, M, K, x2.stride(0), q.Kp, group, xp.data_ptr<float>(),
+                         xsum.data_ptr<float>(), rs.data_ptr<float>());
+      a.rscale = rs.data_ptr<float>();
+    } else {
+      kt->prep_f32(x2.data_ptr(), xdt, M, K, x2.stride(0), q.Kp, group, xp.data_ptr<float>(),
+                   need_sum ? xsum.data_ptr<float>() : nullptr);
+      a.rscale = nullptr;
+    }
+    a.x = xp.data_ptr<float>();
+    a.ldx = q.Kp;
+    a.xsum = xsum.data_ptr<float>();
+  } else {
+    if (xdt == DT_F32 && (M == 1 || x2.stride(0) >= K)) {
+      xp = x2;
+      a.ldx = M == 1 ? K : x2.stride(0);
+    } else {
+      xp = at::empty({M, K}, fopt);
+      kt->prep_f32(x2.data_ptr(), xdt, M, K, x2.stride(0), K, 0, xp.data_ptr<float>(), nullptr);
+      a.ldx = K;
+    }
+    a.x = xp.data_ptr<float>();
+  }
+  over_tiles(q.N, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scratch(gemm ? gemm_scratch_floats() : 0);
+    Scratch s{scratch.data(), (int64_t)scratch.size()};
+    (int4 ? kt->int4_wo : kt->int8_wo)(q, a, o, t0, t1, gemm ? 1 : 0, s);
+  });
+  return y.view(out_shape(x, q.N));
+}
+
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
+                       const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& bias, int64_t group,
+                       int64_t qmin) {
+  return weight_only_linear(x, qdata, scale, zero, bias, group, qmin, true);
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
+                       const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& bias, int64_t group) {
+  return weight_only_linear(x, qdata, scale, zero, bias, group, 0, false);
+}
+
+// ------------------------------------------------------------------ dynamic int8 ops
+struct QuantActs {
+  at::Tensor q, qabs, qsum, scale;
+};
+
+QuantActs quantize_acts(const at::Tensor& x2, int64_t ldq, int64_t group) {
+  const int32_t xdt = float_dt(x2, "activations");
+  const int64_t M = x2.size(0), K = x2.size(1);
+  QuantActs r;
+  const auto opts = x2.options();
+  r.q = at::empty({M, ldq}, opts.dtype(at::kChar));
+  r.qabs = at::empty({M, ldq}, opts.dtype(at::kByte));
+  r.scale = at::empty({M, 1}, opts.dtype(at::kFloat));
+  if (group > 0) r.qsum = at::empty({M, ldq / group}, opts.dtype(at::kInt));
+  const KernelTable* kt = table();
+  auto run = [&](int64_t m0, int64_t m1) {
+    const uint8_t* base = (const uint8_t*)x2.data_ptr() + m0 * x2.stride(0) * x2.element_size();
+    kt->quant_act(base, xdt, m1 - m0, K, x2.stride(0), ldq, group, r.q.data_ptr<int8_t>() + m0 * ldq,
+                  r.qabs.data_ptr<uint8_t>() + m0 * ldq, group > 0 ? r.qsum.data_ptr<int32_t>() + m0 * (ldq / group) : nullptr,
+                  r.scale.data_ptr<float>() + m0);
+  };
+  if (M >= 16) {
+    at::parallel_for(0, M, 8, run);
+  } else if (M > 0) {
+    run(0, M);
+  }
+  return r;
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_per_token_int8(const at::Tensor& x) {
+  at::Tensor x2 = rows_of(x);
+  QuantActs r = quantize_acts(x2, x2.size(1), 0);
+  return {r.q, r.scale};
+}
+
+at::Tensor dynamic_linear(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
+                          const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& bias, int64_t group,
+                          int64_t qmin, bool int4, bool raw) {
+  float_dt(x, "activations");
+  at::Tensor x2 = rows_of(x);
+  const int64_t M = x2.size(0), K = x2.size(1);
+  if (!int4) {
+    TORCH_CHECK(scale.dim() == 2 && scale.size(1) == 1, "torchq: W8A8 needs per-channel scales (N, 1)");
+    group = qdata.size(1);
+  }
+  Prepared p = prepare_weight(qdata, scale, zero, group, qmin, K, int4, !int4);
+  const QWeight& q = p.q;
+  QuantActs qa = quantize_acts(x2, q.Kp, int4 ? group : 0);
+  Acts a{};
+  a.M = M;
+  a.xq = qa.q.data_ptr<int8_t>();
+  a.xabs = qa.qabs.data_ptr<uint8_t>();
+  a.ldq = q.Kp;
+  a.qsum = int4 ? qa.qsum.data_ptr<int32_t>() : nullptr;
+  a.rscale = qa.scale.data_ptr<float>();
+  const KernelTable* kt = table();
+  if (raw) {
+    at::Tensor acc = at::empty({M, q.N, q.G}, x.options().dtype(at::kInt));
+    Out o{};
+    o.raw = acc.data_ptr<int32_t>();
+    if (M) over_tiles(q.N, [&](int64_t t0, int64_t t1) { (int4 ? kt->w4a8 : kt->w8a8)(q, a, o, t0, t1); });
+    return acc;
+  }
+  at::Tensor y = at::empty({M, q.N}, x.options());
+  if (M == 0) return y.view(out_shape(x, q.N));
+  at::Tensor b = bias_f32(bias, q.N);
+  Out o = make_out(y, b);
+  over_tiles(q.N, [&](int64_t t0, int64_t t1) { (int4 ? kt->w4a8 : kt->w8a8)(q, a, o, t0, t1); });
+  return y.view(out_shape(x, q.N));
+}
+
+at::Tensor w4a8_linear(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
+                       const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& bias, int64_t group,
+                       int64_t qmin) {
+  return dynamic_linear(x, qdata, scale, zero, bias, group, qmin, true, false);
+}
+
+at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
+                       const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(qdata.scalar_type() == at::kChar, "torchq: W8A8 qdata must be int8");
+  return dynamic_linear(x, qdata, scale, c10::nullopt, bias, 0, 0, false, false);
+}
+
+at::Tensor w4a8_int_acc(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
+                        const c10::optional<at::Tensor>& zero, int64_t group, int64_t qmin) {
+  return dynamic_linear(x, qdata, scale, zero, c10::nullopt, group, qmin, true, true);
+}
+
+at::Tensor w8a8_int_acc(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale) {
+  return dynamic_linear(x, qdata, scale, c10::nullopt, c10::nullopt, 0, 0, false, true);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(torchq, m) {
+  m.def("int4_linear(Tensor x, Tensor qdata, Tensor scale, Tensor? zero_point, Tensor? bias, int group_size, "
+        "int quant_min) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor qdata, Tensor scale, Tensor? zero_point, Tensor? bias, int group_size) -> Tensor");
+  m.def("w4a8_linear(Tensor x, Tensor qdata, Tensor scale, Tensor? zero_point, Tensor? bias, int group_size, "
+        "int quant_min) -> Tensor");
+  m.def("w8a8_linear(Tensor x, Tensor qdata, Tensor scale, Tensor? bias) -> Tensor");
+  m.def("w4a8_int_acc(Tensor x, Tensor qdata, Tensor scale, Tensor? zero_point, int group_size, int quant_min) -> Tensor");
+  m.def("w8a8_int_acc(Tensor x, Tensor qdata, Tensor scale) -> Tensor");
+  m.def("quantize_per_token_int8(Tensor x) -> (Tensor, Tensor)");
+  m.def("_supported_isas() -> int", &supported_isas);
+  m.def("_get_isa() -> int", &get_isa);
+  m.def("_set_isa(int isa) -> ()", &set_isa);
+  m.def("_tune(str name, int value) -> int", &tune);
+}
+
+TORCH_LIBRARY_IMPL(torchq, CPU, m) {
+  m.impl("int4_linear", &int4_linear);
+  m.impl("int8_linear", &int8_linear);
+  m.impl("w4a8_linear", &w4a8_linear);
+  m.impl("w8a8_linear", &w8a8_linear);
+  m.impl("w4a8_int_acc", &w4a8_int_acc);
+  m.impl("w8a8_int_acc", &w8a8_int_acc);
+  m.impl("quantize_per_token_int8", &quantize_per_token_int8);
+}
