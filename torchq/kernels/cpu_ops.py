@@ -53,6 +53,11 @@ def _w8a8_int_acc(x, qdata, scale):
     return x.new_empty((_rows(x), scale.shape[0], 1), dtype=torch.int32)
 
 
+@torch.library.register_fake("torchq::codebook4_linear")
+def _codebook4_linear(x, qdata, scale, lut, bias, block_size, dq_code=None, dq_absmax=None, dq_offset=None):
+    return _linear_out(x, qdata.shape[0])
+
+
 @torch.library.register_fake("torchq::quantize_per_token_int8")
 def _quantize_per_token_int8(x):
     m = _rows(x)

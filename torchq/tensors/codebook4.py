@@ -11,6 +11,10 @@ Outer shape and dtype are the float weight's ``(N, K)`` and dtype; inner tensors
   ``scale = dynamic[scale_q] * scale_absmax[i // 256] + scale_offset`` over the row-major
   flattened scales.
 
+Kernel layouts may add shared constants as inner tensors (``lut``: the 16 table values,
+``dq_code``: the dynamic code; see :mod:`torchq.kernels.cpu_codebook4`); they are not
+weight data, not counted in ``nbytes_quantized`` and never checkpointed.
+
 ``scheme`` is the format name (``nf4``, ``fp4_e2m1``, ``fp4_e2m1_bnb``; the table lives in
 :mod:`torchq.primitives.codebook`), ``w = table[q] * scale`` per block of ``block_size``
 columns. K is zero-padded up to a multiple of ``block_size`` (``padded_in_features``);
@@ -67,7 +71,9 @@ CODEBOOK4_LAYOUT = register_layout(
 )
 
 _TENSOR_FIELDS = ("qdata",)
-_OPTIONAL_FIELDS = ("scale", "scale_q", "scale_absmax", "scale_offset")
+_DATA_FIELDS = ("scale", "scale_q", "scale_absmax", "scale_offset")
+_KERNEL_CONSTANTS = ("lut", "dq_code")
+_OPTIONAL_FIELDS = _DATA_FIELDS + _KERNEL_CONSTANTS
 _DQ_FIELDS = ("scale_q", "scale_absmax", "scale_offset")
 
 
@@ -183,7 +189,7 @@ class Codebook4Tensor(TorchqTensor):
         blocks = kp // bs if bs else 0
         if self.qdata.dtype != torch.uint8 or tuple(self.qdata.shape) != (n, kp // 2):
             problems.append(f"qdata must be uint8 {(n, kp // 2)}, got {self.qdata.dtype} {tuple(self.qdata.shape)}")
-        present = {f for f in _OPTIONAL_FIELDS if getattr(self, f) is not None}
+        present = {f for f in _DATA_FIELDS if getattr(self, f) is not None}
         want = set(_DQ_FIELDS) if self.double_quant else {"scale"}
         if present != want:
             problems.append(f"double_quant={self.double_quant} needs inner tensors {sorted(want)}, got {sorted(present)}")
@@ -203,7 +209,7 @@ class Codebook4Tensor(TorchqTensor):
     # ------------------------------------------------------------------ views of the data
     def canonical_tensors(self) -> dict[str, Optional[torch.Tensor]]:
         """Inner tensors in the canonical layout (what checkpoints store)."""
-        fields = {n: getattr(self, n) for n in _TENSOR_FIELDS + _OPTIONAL_FIELDS}
+        fields = {n: getattr(self, n) for n in _TENSOR_FIELDS + _DATA_FIELDS}
         return get_layout(self.quant_layout).to_canonical(fields)
 
     def codes(self) -> torch.Tensor:
@@ -236,8 +242,13 @@ class Codebook4Tensor(TorchqTensor):
 
     @property
     def nbytes_quantized(self) -> int:
-        """Bytes of every inner tensor (packed codes and scales, double-quantized or not)."""
-        return inner_nbytes(self)
+        """Bytes of the weight data (packed codes and scales, double-quantized or not); the
+        shared kernel constants (``lut``, ``dq_code``) are not counted."""
+        return inner_nbytes(self) - sum(
+            getattr(self, n).numel() * getattr(self, n).element_size()
+            for n in _KERNEL_CONSTANTS
+            if getattr(self, n) is not None
+        )
 
     def __repr__(self) -> str:
         pad = f", padded_in_features={self.padded_in_features}" if self.padded_in_features != self.shape[1] else ""

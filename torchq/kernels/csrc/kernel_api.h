@@ -29,6 +29,7 @@ struct QWeight {
   const uint8_t* tail_w;   // padded copies of the partial last tile (or null)
   const uint8_t* tail_scale;
   const uint8_t* tail_zero;
+  const float* lut;        // 4-bit codebook kernels: the 16 fp32 table values (else unused)
 };
 
 // Prepared activations (which fields are used depends on the kernel and path).
@@ -76,6 +77,8 @@ struct KernelTable {
   void (*int8_wo)(const QWeight&, const Acts&, const Out&, int64_t t0, int64_t t1, int gemm, Scratch s);
   void (*w4a8)(const QWeight&, const Acts&, const Out&, int64_t t0, int64_t t1);
   void (*w8a8)(const QWeight&, const Acts&, const Out&, int64_t t0, int64_t t1);
+  // 4-bit codebook (NF4 / FP4) weight-only, int4-tiled codes + q.lut (codebook4_impl.h).
+  void (*cb4_wo)(const QWeight&, const Acts&, const Out&, int64_t t0, int64_t t1, int gemm, Scratch s);
 };
 
 const KernelTable* table_scalar();

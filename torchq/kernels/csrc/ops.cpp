@@ -221,13 +221,15 @@ void over_tiles(int64_t n, Fn&& fn) {
 }
 
 // ------------------------------------------------------------------ weight-only ops
+// lut != null: a 4-bit codebook weight (int4-tiled codes, fp32 scales, 16-entry table).
 at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
                               const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& bias,
-                              int64_t group, int64_t qmin, bool int4) {
+                              int64_t group, int64_t qmin, bool int4, const float* lut = nullptr) {
   const int32_t xdt = float_dt(x, "activations");
   at::Tensor x2 = rows_of(x);
   const int64_t M = x2.size(0), K = x2.size(1);
   Prepared p = prepare_weight(qdata, scale, zero, group, qmin, K, int4, false);
+  p.q.lut = lut;
   const QWeight& q = p.q;
   at::Tensor y = at::empty({M, q.N}, x.options());
   if (M == 0) return y.view(out_shape(x, q.N));
@@ -243,7 +245,7 @@ at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qdata, cons
   if (!gemm) {
     xp = at::empty({M, q.Kp}, fopt);
     xsum = at::empty({M, q.G}, fopt);
-    if (int4) {
+    if (int4 && !lut) {
       rs = at::empty({M}, fopt);
       kt->prep_int4_gemv(x2.data_ptr(), xdt, M, K, x2.stride(0), q.Kp, group, xp.data_ptr<float>(),
                          xsum.data_ptr<float>(), rs.data_ptr<float>());
@@ -270,7 +272,7 @@ at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qdata, cons
   over_tiles(q.N, [&](int64_t t0, int64_t t1) {
     std::vector<float> scratch(gemm ? gemm_scratch_floats() : 0);
     Scratch s{scratch.data(), (int64_t)scratch.size()};
-    (int4 ? kt->int4_wo : kt->int8_wo)(q, a, o, t0, t1, gemm ? 1 : 0, s);
+    (lut ? kt->cb4_wo : int4 ? kt->int4_wo : kt->int8_wo)(q, a, o, t0, t1, gemm ? 1 : 0, s);
   });
   return y.view(out_shape(x, q.N));
 }
@@ -284,6 +286,65 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qdata, const at::T
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
                        const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& bias, int64_t group) {
   return weight_only_linear(x, qdata, scale, zero, bias, group, 0, false);
+}
+
+// ------------------------------------------------------------------ 4-bit codebook (NF4 / FP4)
+// QLoRA double-quantized scales (canonical (N, G) uint8 codes) decoded into the kernels'
+// tiled fp32 order ([G][rows] per 16-row tile): scale = code[q] * absmax2[(n*G + g) / 256]
+// + offset, rounded after the product and after the sum (as the reference decodes them).
+at::Tensor decode_dq_scales(const at::Tensor& sq, const at::Tensor& code, const at::Tensor& absmax2,
+                            const at::Tensor& offset) {
+  TORCH_CHECK(sq.dim() == 2 && sq.scalar_type() == at::kByte && sq.is_contiguous(),
+              "torchq: double-quantized scales must be contiguous uint8 (N, groups)");
+  TORCH_CHECK(code.scalar_type() == at::kFloat && code.numel() == 256 && code.is_contiguous(),
+              "torchq: the dynamic code must be 256 contiguous fp32 values");
+  TORCH_CHECK(absmax2.scalar_type() == at::kFloat && absmax2.is_contiguous() && offset.scalar_type() == at::kFloat &&
+                  offset.numel() == 1, "torchq: scale_absmax / scale_offset must be fp32");
+  const int64_t N = sq.size(0), G = sq.size(1);
+  TORCH_CHECK(absmax2.numel() * 256 >= N * G, "torchq: scale_absmax has ", absmax2.numel(), " blocks for ", N * G,
+              " scales");
+  at::Tensor out = at::empty({N, G}, sq.options().dtype(at::kFloat));
+  const uint8_t* qp = sq.data_ptr<uint8_t>();
+  const float* cp = code.data_ptr<float>();
+  const float* ap = absmax2.data_ptr<float>();
+  const float off = offset.item<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, (N + TILE - 1) / TILE, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t rows = N - t * TILE < TILE ? N - t * TILE : TILE;
+      float* dst = op + t * TILE * G;
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t base = (t * TILE + r) * G;
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t i = base + g;
+#if defined(__FMA__)
+          volatile float prod = cp[qp[i]] * ap[i >> 8];  // keep the product rounded (no fused multiply-add)
+#else
+          const float prod = cp[qp[i]] * ap[i >> 8];  // baseline x86-64: no FMA to contract into
+#endif
+          dst[g * rows + r] = prod + off;
+        }
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor cb4_linear(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale, const at::Tensor& lut,
+                      const c10::optional<at::Tensor>& bias, int64_t block_size,
+                      const c10::optional<at::Tensor>& dq_code, const c10::optional<at::Tensor>& dq_absmax,
+                      const c10::optional<at::Tensor>& dq_offset) {
+  TORCH_CHECK(lut.scalar_type() == at::kFloat && lut.numel() == 16 && lut.is_contiguous(),
+              "torchq: the codebook must be 16 contiguous fp32 values");
+  TORCH_CHECK(qdata.scalar_type() == at::kByte, "torchq: codebook qdata must be uint8 (two codes per byte)");
+  if (scale.scalar_type() == at::kByte) {
+    TORCH_CHECK(dq_code.has_value() && dq_absmax.has_value() && dq_offset.has_value(),
+                "torchq: uint8 (double-quantized) scales need dq_code, dq_absmax and dq_offset");
+    at::Tensor s = decode_dq_scales(scale, *dq_code, *dq_absmax, *dq_offset);
+    return weight_only_linear(x, qdata, s, c10::nullopt, bias, block_size, 0, true, lut.data_ptr<float>());
+  }
+  TORCH_CHECK(scale.scalar_type() == at::kFloat, "torchq: codebook block scales must be fp32 (or uint8 double-quantized)");
+  return weight_only_linear(x, qdata, scale, c10::nullopt, bias, block_size, 0, true, lut.data_ptr<float>());
 }
 
 // ------------------------------------------------------------------ dynamic int8 ops
@@ -390,6 +451,8 @@ TORCH_LIBRARY(torchq, m) {
   m.def("w4a8_int_acc(Tensor x, Tensor qdata, Tensor scale, Tensor? zero_point, int group_size, int quant_min) -> Tensor");
   m.def("w8a8_int_acc(Tensor x, Tensor qdata, Tensor scale) -> Tensor");
   m.def("quantize_per_token_int8(Tensor x) -> (Tensor, Tensor)");
+  m.def("codebook4_linear(Tensor x, Tensor qdata, Tensor scale, Tensor lut, Tensor? bias, int block_size, "
+        "Tensor? dq_code=None, Tensor? dq_absmax=None, Tensor? dq_offset=None) -> Tensor");
   m.def("_supported_isas() -> int", &supported_isas);
   m.def("_get_isa() -> int", &get_isa);
   m.def("_set_isa(int isa) -> ()", &set_isa);
@@ -404,4 +467,5 @@ TORCH_LIBRARY_IMPL(torchq, CPU, m) {
   m.impl("w4a8_int_acc", &w4a8_int_acc);
   m.impl("w8a8_int_acc", &w8a8_int_acc);
   m.impl("quantize_per_token_int8", &quantize_per_token_int8);
+  m.impl("codebook4_linear", &cb4_linear);
 }
