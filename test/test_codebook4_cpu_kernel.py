@@ -83,6 +83,19 @@ def test_kernel_larger_shapes_and_batched_input(isa, dq):
         torch.testing.assert_close(F.linear(x, t), weight_only_reference(x, t, None), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_every_table_on_every_path(isa, scheme):
+    """Each table through each lookup (AVX2 M=1 uses byte planes: 2 for bf16-exact e2m1, 4 else)."""
+    torch.manual_seed(0)
+    t = Codebook4Tensor.from_float(torch.randn(50, 320), scheme=scheme, block_size=32)
+    for m in (1, 2, 5, 12):
+        x = torch.randn(m, 320)
+        with cpu_ext.force_isa(isa):
+            y = F.linear(x, t)
+        torch.testing.assert_close(y, weight_only_reference(x, t, None), rtol=2e-5, atol=2e-5)
+
+
 def test_gemm_path_uses_the_exact_dequantized_weight():
     """From GEMM_MIN_M rows the kernel multiplies table[q] * s exactly: with integer-valued
     activations and a one-hot x the output is the dequantized weight column itself."""

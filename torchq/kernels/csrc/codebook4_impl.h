@@ -64,15 +64,13 @@ struct Lut16 {
 // result vectors hold (row pair, 4 consecutive k) per 128-bit half, so they multiply a
 // 4-wide slice of x and are reduced over k with hadd once per block. ~15 % fewer
 // instructions than the vpermps lookup, which matters because M=1 is lookup bound here.
-static void cb4_gemv_tile_avx2_m1(const QWeight& q, const TileRef& tr, const Acts& a, int64_t m0, float* out) {
-  uint8_t planes[4][16];
-  for (int c = 0; c < 16; ++c) {
-    const uint32_t u = tq_f2u(q.lut[c]);
-    for (int i = 0; i < 4; ++i) planes[i][c] = (uint8_t)(u >> (8 * i));
-  }
-  __m256i P[4];
-  for (int i = 0; i < 4; ++i) P[i] = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)planes[i]));
+// TWO: the table is bf16-exact (low 16 bits of every value zero, e.g. OCP e2m1), so only
+// the two high byte planes are looked up.
+template <bool TWO>
+static void cb4_gemv_avx2_m1_impl(const QWeight& q, const TileRef& tr, const Acts& a, int64_t m0, float* out,
+                                  const __m256i* P) {
   const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const __m256i zero = _mm256_setzero_si256();
   const int64_t cpg = q.group / 8;
   const float* x = a.x + m0 * a.ldx;
   __m256 o[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
@@ -89,10 +87,14 @@ static void cb4_gemv_tile_avx2_m1(const QWeight& q, const TileRef& tr, const Act
         const __m256i C[2] = {_mm256_and_si256(X, m4), _mm256_and_si256(_mm256_srli_epi16(X, 4), m4)};
         sfor<0, 2>([&](auto ni) {
           constexpr int n = decltype(ni)::value;
-          const __m256i b0 = _mm256_shuffle_epi8(P[0], C[n]), b1 = _mm256_shuffle_epi8(P[1], C[n]);
           const __m256i b2 = _mm256_shuffle_epi8(P[2], C[n]), b3 = _mm256_shuffle_epi8(P[3], C[n]);
-          const __m256i a0 = _mm256_unpacklo_epi8(b0, b1), a1 = _mm256_unpackhi_epi8(b0, b1);
           const __m256i c0 = _mm256_unpacklo_epi8(b2, b3), c1 = _mm256_unpackhi_epi8(b2, b3);
+          __m256i a0 = zero, a1 = zero;
+          if constexpr (!TWO) {
+            const __m256i b0 = _mm256_shuffle_epi8(P[0], C[n]), b1 = _mm256_shuffle_epi8(P[1], C[n]);
+            a0 = _mm256_unpacklo_epi8(b0, b1);
+            a1 = _mm256_unpackhi_epi8(b0, b1);
+          }
           acc[h][0] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(a0, c0)), xs[n], acc[h][0]);
           acc[h][1] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(a0, c0)), xs[n], acc[h][1]);
           acc[h][2] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(a1, c1)), xs[n], acc[h][2]);
@@ -108,6 +110,23 @@ static void cb4_gemv_tile_avx2_m1(const QWeight& q, const TileRef& tr, const Act
   }
   _mm256_storeu_ps(out, o[0]);
   _mm256_storeu_ps(out + 8, o[1]);
+}
+
+static void cb4_gemv_tile_avx2_m1(const QWeight& q, const TileRef& tr, const Acts& a, int64_t m0, float* out) {
+  uint8_t planes[4][16];
+  uint32_t low = 0;
+  for (int c = 0; c < 16; ++c) {
+    const uint32_t u = tq_f2u(q.lut[c]);
+    low |= u & 0xFFFFu;
+    for (int i = 0; i < 4; ++i) planes[i][c] = (uint8_t)(u >> (8 * i));
+  }
+  __m256i P[4];
+  for (int i = 0; i < 4; ++i) P[i] = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)planes[i]));
+  if (low == 0) {
+    cb4_gemv_avx2_m1_impl<true>(q, tr, a, m0, out, P);
+  } else {
+    cb4_gemv_avx2_m1_impl<false>(q, tr, a, m0, out, P);
+  }
 }
 #endif
 

@@ -9,8 +9,10 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cpuid.h>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -221,10 +223,14 @@ void over_tiles(int64_t n, Fn&& fn) {
 }
 
 // ------------------------------------------------------------------ weight-only ops
+// Runs the kernel over weight tiles [t0, t1) (default: the KernelTable entry of the scheme).
+using TileRunner = std::function<void(const QWeight&, const Acts&, const Out&, int64_t, int64_t, int, Scratch)>;
+
 // lut != null: a 4-bit codebook weight (int4-tiled codes, fp32 scales, 16-entry table).
 at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
                               const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& bias,
-                              int64_t group, int64_t qmin, bool int4, const float* lut = nullptr) {
+                              int64_t group, int64_t qmin, bool int4, const float* lut = nullptr,
+                              const TileRunner* runner = nullptr) {
   const int32_t xdt = float_dt(x, "activations");
   at::Tensor x2 = rows_of(x);
   const int64_t M = x2.size(0), K = x2.size(1);
@@ -272,7 +278,11 @@ at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qdata, cons
   over_tiles(q.N, [&](int64_t t0, int64_t t1) {
     std::vector<float> scratch(gemm ? gemm_scratch_floats() : 0);
     Scratch s{scratch.data(), (int64_t)scratch.size()};
-    (lut ? kt->cb4_wo : int4 ? kt->int4_wo : kt->int8_wo)(q, a, o, t0, t1, gemm ? 1 : 0, s);
+    if (runner) {
+      (*runner)(q, a, o, t0, t1, gemm ? 1 : 0, s);
+    } else {
+      (lut ? kt->cb4_wo : int4 ? kt->int4_wo : kt->int8_wo)(q, a, o, t0, t1, gemm ? 1 : 0, s);
+    }
   });
   return y.view(out_shape(x, q.N));
 }
@@ -289,11 +299,31 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qdata, const at::T
 }
 
 // ------------------------------------------------------------------ 4-bit codebook (NF4 / FP4)
-// QLoRA double-quantized scales (canonical (N, G) uint8 codes) decoded into the kernels'
-// tiled fp32 order ([G][rows] per 16-row tile): scale = code[q] * absmax2[(n*G + g) / 256]
-// + offset, rounded after the product and after the sum (as the reference decodes them).
-at::Tensor decode_dq_scales(const at::Tensor& sq, const at::Tensor& code, const at::Tensor& absmax2,
-                            const at::Tensor& offset) {
+// QLoRA double-quantized scales: scale[n, g] = code[q[n, g]] * absmax2[(n*G + g) / 256] +
+// offset, rounded after the product and after the sum as the reference decodes them.
+// Rows [n0, n0 + rows) are decoded into the kernels' tiled order dst[g][rows].
+void decode_dq_rows(const uint8_t* qp, const float* code, const float* absmax2, float off, int64_t G, int64_t n0,
+                    int64_t rows, float* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t base = (n0 + r) * G;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t i = base + g;
+#if defined(__FMA__)
+      volatile float prod = code[qp[i]] * absmax2[i >> 8];  // keep the product rounded (no fused multiply-add)
+#else
+      const float prod = code[qp[i]] * absmax2[i >> 8];  // baseline x86-64: no FMA to contract into
+#endif
+      dst[g * rows + r] = prod + off;
+    }
+  }
+}
+
+// Double-quantized weights: each thread decodes the scales of a few tiles at a time into an
+// L1-sized buffer right before running the kernel on them, so the fp32 scales never go
+// through memory (the tail tile is decoded up front: prepare_weight pads it).
+at::Tensor cb4_dq_linear(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& sq, const float* lut,
+                         const c10::optional<at::Tensor>& bias, int64_t block_size, const at::Tensor& code,
+                         const at::Tensor& absmax2, const at::Tensor& offset) {
   TORCH_CHECK(sq.dim() == 2 && sq.scalar_type() == at::kByte && sq.is_contiguous(),
               "torchq: double-quantized scales must be contiguous uint8 (N, groups)");
   TORCH_CHECK(code.scalar_type() == at::kFloat && code.numel() == 256 && code.is_contiguous(),
@@ -301,33 +331,45 @@ at::Tensor decode_dq_scales(const at::Tensor& sq, const at::Tensor& code, const 
   TORCH_CHECK(absmax2.scalar_type() == at::kFloat && absmax2.is_contiguous() && offset.scalar_type() == at::kFloat &&
                   offset.numel() == 1, "torchq: scale_absmax / scale_offset must be fp32");
   const int64_t N = sq.size(0), G = sq.size(1);
+  TORCH_CHECK(qdata.dim() == 2 && qdata.size(0) == N, "torchq: qdata has ", qdata.size(0), " rows, scales ", N);
   TORCH_CHECK(absmax2.numel() * 256 >= N * G, "torchq: scale_absmax has ", absmax2.numel(), " blocks for ", N * G,
               " scales");
-  at::Tensor out = at::empty({N, G}, sq.options().dtype(at::kFloat));
   const uint8_t* qp = sq.data_ptr<uint8_t>();
   const float* cp = code.data_ptr<float>();
   const float* ap = absmax2.data_ptr<float>();
   const float off = offset.item<float>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, (N + TILE - 1) / TILE, 16, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t rows = N - t * TILE < TILE ? N - t * TILE : TILE;
-      float* dst = op + t * TILE * G;
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t base = (t * TILE + r) * G;
-        for (int64_t g = 0; g < G; ++g) {
-          const int64_t i = base + g;
-#if defined(__FMA__)
-          volatile float prod = cp[qp[i]] * ap[i >> 8];  // keep the product rounded (no fused multiply-add)
-#else
-          const float prod = cp[qp[i]] * ap[i >> 8];  // baseline x86-64: no FMA to contract into
-#endif
-          dst[g * rows + r] = prod + off;
-        }
+  const int64_t n_full = N / TILE;
+  // Only the partial last tile is written here (uninitialized elsewhere, never read).
+  at::Tensor tail = at::empty({N, G}, sq.options().dtype(at::kFloat));
+  if (N % TILE) decode_dq_rows(qp, cp, ap, off, G, n_full * TILE, N % TILE, tail.data_ptr<float>() + n_full * TILE * G);
+  const KernelTable* kt = table();
+  const TileRunner runner = [&](const QWeight& q, const Acts& a, const Out& o, int64_t t0, int64_t t1, int gemm,
+                                Scratch s) {
+    constexpr int64_t SPAN = GEMM_NB;
+    std::vector<float> dec(SPAN * G * TILE);
+    const int64_t osize = o.dt == DT_F32 ? 4 : 2;
+    for (int64_t tb = t0; tb < t1;) {
+      // a span of full tiles, or the tail tile alone, run as a weight of its own
+      const int64_t te = tb < n_full ? std::min(std::min(t1, tb + SPAN), n_full) : tb + 1;
+      QWeight qt = q;
+      qt.w = q.w + tb * q.tile_bytes;
+      if (tb < n_full) {
+        for (int64_t t = tb; t < te; ++t) decode_dq_rows(qp, cp, ap, off, G, t * TILE, TILE, dec.data() + (t - tb) * TILE * G);
+        qt.scale = (const uint8_t*)dec.data();
+        qt.n_full = te - tb;
+        qt.N = (te - tb) * TILE;
+      } else {
+        qt.n_full = 0;
+        qt.N = N - tb * TILE;
       }
+      Out ot = o;
+      ot.y = (uint8_t*)o.y + tb * TILE * osize;
+      ot.bias = o.bias ? o.bias + tb * TILE : nullptr;
+      kt->cb4_wo(qt, a, ot, 0, te - tb, gemm, s);
+      tb = te;
     }
-  });
-  return out;
+  };
+  return weight_only_linear(x, qdata, tail, c10::nullopt, bias, block_size, 0, true, lut, &runner);
 }
 
 at::Tensor cb4_linear(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale, const at::Tensor& lut,
@@ -340,8 +382,7 @@ at::Tensor cb4_linear(const at::Tensor& x, const at::Tensor& qdata, const at::Te
   if (scale.scalar_type() == at::kByte) {
     TORCH_CHECK(dq_code.has_value() && dq_absmax.has_value() && dq_offset.has_value(),
                 "torchq: uint8 (double-quantized) scales need dq_code, dq_absmax and dq_offset");
-    at::Tensor s = decode_dq_scales(scale, *dq_code, *dq_absmax, *dq_offset);
-    return weight_only_linear(x, qdata, s, c10::nullopt, bias, block_size, 0, true, lut.data_ptr<float>());
+    return cb4_dq_linear(x, qdata, scale, lut.data_ptr<float>(), bias, block_size, *dq_code, *dq_absmax, *dq_offset);
   }
   TORCH_CHECK(scale.scalar_type() == at::kFloat, "torchq: codebook block scales must be fp32 (or uint8 double-quantized)");
   return weight_only_linear(x, qdata, scale, c10::nullopt, bias, block_size, 0, true, lut.data_ptr<float>());
