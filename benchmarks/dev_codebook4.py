@@ -1,6 +1,6 @@
 """Dev-only timing of the NF4 / FP4 CPU kernel vs torchq int4 (g64) and bitsandbytes' CPU
 4-bit path (not the benchmark harness). Kernels are timed interleaved, rep by rep, so a
-shared machine's load hits them alike; medians are reported.
+shared machine's load hits them alike; min and 10th percentile are reported.
 
     PYTHONPATH=. python benchmarks/dev_codebook4.py [--shapes 4096x4096,11008x4096] [--m 1,32]
 """
