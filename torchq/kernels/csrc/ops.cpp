@@ -64,6 +64,18 @@ std::atomic<int64_t> g_int4_gemm_min_m{8};
 std::atomic<int64_t> g_int8_gemm_min_m{8};
 
 int64_t supported_isas() { return kSupported; }
+
+// How many distinct threads at::parallel_for used for `n` items: 1 for an extension
+// built without OpenMP, whatever torch.set_num_threads allows otherwise (tests).
+int64_t parallel_threads(int64_t n) {
+  std::atomic<int64_t> mask{0};
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) {
+    volatile double sink = 0;
+    for (int i = 0; i < 200000; ++i) sink = sink + i;  // long enough for every thread to join
+    mask.fetch_or(int64_t(1) << (at::get_thread_num() & 63));
+  });
+  return __builtin_popcountll((unsigned long long)mask.load());
+}
 int64_t get_isa() { return g_isa.load(); }
 void set_isa(int64_t isa) {
   TORCH_CHECK(isa >= 0 && isa <= 2, "torchq: unknown ISA id ", isa);
@@ -475,6 +487,7 @@ TORCH_LIBRARY(torchq, m) {
   m.def("_get_isa() -> int", &get_isa);
   m.def("_set_isa(int isa) -> ()", &set_isa);
   m.def("_tune(str name, int value) -> int", &tune);
+  m.def("_parallel_threads(int n) -> int", &parallel_threads);
 }
 
 TORCH_LIBRARY_IMPL(torchq, CPU, m) {
