@@ -171,4 +171,16 @@ def quantize_(
         report.layers.append(LayerReport(name, status, cfg.type_name, note))
     logger.info("%s", report.summary())
     logger.debug("%s", report)
+    for hook in _AFTER_QUANTIZE:
+        hook(model, config, report)
     return report
+
+
+_AFTER_QUANTIZE: list[Callable[[nn.Module, Optional[QuantConfig], QuantizationReport], None]] = []
+
+
+def register_after_quantize(hook: Callable[[nn.Module, Optional[QuantConfig], QuantizationReport], None]) -> None:
+    """Call ``hook(model, config, report)`` after every :func:`quantize_` (integrations use it,
+    e.g. to make a transformers model's ``save_pretrained`` write a torchq checkpoint)."""
+    if hook not in _AFTER_QUANTIZE:
+        _AFTER_QUANTIZE.append(hook)
