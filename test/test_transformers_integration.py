@@ -85,7 +85,7 @@ def test_config_json_round_trip_and_scheme_strings():
         overrides={r".*down_proj": torchq.int8_weight_only(), "model.layers.0.mlp.up_proj": None},
     )
     again = TorchqConfig.from_dict(json.loads(cfg.to_json_string()))
-    assert again == cfg and again.quant_config == torchq.int4_weight_only(group_size=64)
+    assert again.to_dict() == cfg.to_dict() and again.quant_config == torchq.int4_weight_only(group_size=64)
     assert again.overrides[r".*down_proj"] == torchq.int8_weight_only()
     assert TorchqConfig("int4", group_size=64).quant_config == torchq.int4_weight_only(group_size=64)
     assert TorchqConfig("w8a8").quant_config == torchq.int8_dynamic_activation_int8_weight()

@@ -135,9 +135,6 @@ class TorchqConfig(QuantizationConfigMixin):
     def __iter__(self):
         yield from self.to_dict().items()
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, TorchqConfig) and self.to_dict() == other.to_dict()
-
 
 # ---------------------------------------------------------------------------- loading ops
 class _SharedOp(ConversionOps):
