@@ -95,8 +95,9 @@ class TorchqConfig(QuantizationConfigMixin):
             if group_size is not None or scheme_options:
                 given = sorted(scheme_options) + (["group_size"] if group_size is not None else [])
                 raise TypeError(
-                    f"TorchqConfig: {given} only apply to a scheme name such as TorchqConfig('int4', group_size=64); "
-                    "with a config object, set them on the config"
+                    f"TorchqConfig got {given}: scheme options only apply to a scheme name such as "
+                    "TorchqConfig('int4', group_size=64) (with a config object, set them on the config; in a "
+                    "config.json, unknown fields mean it was written by a newer torchq)"
                 )
             if isinstance(quant_config, Mapping):
                 quant_config = config_from_dict(quant_config)
