@@ -404,7 +404,8 @@ def _copy_(func, types, args, kwargs):
 
 @AffineQuantizedTensor.implements(aten.slice.Tensor)
 def _slice(func, types, args, kwargs):
-    self, dim, start, end, step = (list(args) + [0, None, None, 1])[:5]
+    defaults = [None, 0, None, None, 1]
+    self, dim, start, end, step = list(args) + defaults[len(args) :]
     n, k = self.shape
     dim = dim % 2
     size = (n, k)[dim]
@@ -440,3 +441,61 @@ def _from_slice(t: AffineQuantizedTensor, tensors: dict, shape: tuple[int, int],
 
 
 register_format(FORMAT_NAME, AffineQuantizedTensor, _rebuild_affine_quantized)
+
+
+# ---------------------------------------------------------------------- transposed use: x @ w.t()
+class TransposedQuantizedWeight(TorchqTensor):
+    """``w.t()`` of a quantized weight: shape ``(K, N)``, only good as the right operand of
+    ``mm`` / ``addmm`` / ``matmul`` (the aten path of ``x @ w.t()``), which run the same kernel
+    as ``F.linear(x, w)``. Transposing back returns the weight itself."""
+
+    tensor_fields = ("base",)
+
+    def __repr__(self) -> str:
+        return f"TransposedQuantizedWeight(shape={tuple(self.shape)}, base={self.base!r})"
+
+    @property
+    def nbytes_quantized(self) -> int:
+        return self.base.nbytes_quantized
+
+
+def _transposed(base: TorchqTensor) -> TransposedQuantizedWeight:
+    n, k = base.shape
+    return TransposedQuantizedWeight(outer_shape=(k, n), outer_dtype=base.dtype, device=base.device, base=base)
+
+
+def _is_swap(args) -> bool:
+    if args[0].dim() != 2:
+        return False
+    if len(args) == 1:  # aten.t
+        return True
+    dims = args[1:] if len(args) > 2 else args[1]
+    return sorted(int(d) % 2 for d in (dims if isinstance(dims, (list, tuple)) else [dims])) == [0, 1]
+
+
+@AffineQuantizedTensor.implements([aten.t.default, aten.transpose.int, aten.permute.default])
+@TransposedQuantizedWeight.implements([aten.t.default, aten.transpose.int, aten.permute.default])
+def _transpose(func, types, args, kwargs):
+    self = args[0]
+    if not _is_swap(args):
+        raise NotImplementedError(f"{type(self).__name__} supports only swapping its two dims, got {func}{args[1:]}")
+    # always a fresh wrapper (a view op must not return an existing tensor)
+    return self.base._map_tensors(lambda t: t) if isinstance(self, TransposedQuantizedWeight) else _transposed(self)
+
+
+@TransposedQuantizedWeight.implements(aten.mm.default)
+def _mm(func, types, args, kwargs):
+    x, wt = args
+    if not isinstance(wt, TransposedQuantizedWeight) or isinstance(x, TorchqTensor):
+        raise NotImplementedError("a transposed quantized weight can only be the right operand of mm")
+    return quantized_linear(x, wt.base, None)
+
+
+@TransposedQuantizedWeight.implements(aten.addmm.default)
+def _addmm(func, types, args, kwargs):
+    bias, x, wt = args
+    if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1 or not isinstance(wt, TransposedQuantizedWeight):
+        raise NotImplementedError("addmm with a quantized weight supports only bias + x @ w.t() (alpha = beta = 1)")
+    if bias.dim() == 2 and bias.shape[0] != 1:
+        return quantized_linear(x, wt.base, None) + bias
+    return quantized_linear(x, wt.base, bias.reshape(-1))
