@@ -9,6 +9,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <cpuid.h>
@@ -281,11 +282,25 @@ constexpr int64_t kSerialWork = 48 * 1024;
 template <class Fn>
 void over_tiles(int64_t n, int64_t work, Fn&& fn) {
   const int64_t tiles = (n + TILE - 1) / TILE;
-  if (work < kSerialWork || tiles == 1 || at::get_num_threads() == 1) {
+  const int64_t threads = at::get_num_threads();
+  if (work < kSerialWork || tiles == 1 || threads == 1 || at::in_parallel_region()) {
     fn(0, tiles);
     return;
   }
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) { fn(t0, t1); });
+  // Threads take chunks of contiguous tiles from a shared counter (about 8 per thread)
+  // instead of one fixed range each: on a busy host a descheduled thread's share is
+  // picked up by the others. Each tile is still computed by exactly one thread, so
+  // results do not depend on the thread count or the schedule.
+  const int64_t nthr = threads < tiles ? threads : tiles;
+  const int64_t chunk = std::max<int64_t>(1, tiles / (nthr * 8));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nthr, 1, [&](int64_t, int64_t) {
+    for (;;) {
+      const int64_t t0 = next.fetch_add(chunk);
+      if (t0 >= tiles) break;
+      fn(t0, std::min(tiles, t0 + chunk));
+    }
+  });
 }
 
 // ------------------------------------------------------------------ weight-only ops
