@@ -32,7 +32,7 @@ __all__ = ["available", "load", "build_error", "ISAS", "supported_isas", "curren
 
 ISAS = ("scalar", "avx2", "avx512")
 _CSRC = Path(__file__).with_name("csrc")
-_CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-Wno-unknown-pragmas"]
+_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-Wno-unknown-pragmas"]
 _LDFLAGS = ["-fopenmp"]
 
 _lock = threading.Lock()
