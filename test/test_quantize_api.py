@@ -146,11 +146,11 @@ def test_explain_table():
     assert_expected_inline(
         text,
         """\
-layer  kind       scheme            layout       kernel                      shape   bytes
------  ---------  ----------------  -----------  --------------------------  ------  -----
-embed  Embedding  int4_weight_only  packed_int4  reference.int4_weight_only  100x64  3700 
-up     Linear     int8_weight_only  plain_int8   reference.int8_weight_only  96x64   6528 
-down   Linear     int4_weight_only  packed_int4  reference.int4_weight_only  64x96   4736 
-head   Linear     int4_weight_only  packed_int4  reference.int4_weight_only  100x64  3700 
+layer  kind       scheme            layout           kernel                shape   bytes
+-----  ---------  ----------------  ---------------  --------------------  ------  -----
+embed  Embedding  int4_weight_only  cpu_int4_tile16  cpu.int4_weight_only  100x64  3700 
+up     Linear     int8_weight_only  cpu_int8_k16     cpu.int8_weight_only  96x64   6528 
+down   Linear     int4_weight_only  cpu_int4_tile16  cpu.int4_weight_only  64x96   4736 
+head   Linear     int4_weight_only  cpu_int4_tile16  cpu.int4_weight_only  100x64  3700 
 4 quantized modules, 14964 bytes of quantized weights""",
     )

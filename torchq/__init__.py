@@ -37,10 +37,27 @@ from .codebook_configs import (
 from . import codebook_handlers  # noqa: F401  (registers the NF4 / FP4 handlers)
 from .explain import explain
 from .handlers import register_handler
+from .api import register_after_quantize as _register_after_quantize
+from .integrations import install_transformers_hook as _install_transformers_hook
+from .integrations import mark_transformers_model as _mark_transformers_model
+from .schemes_vocab import config_from_scheme, register_scheme, scheme_names
 from .serialization import load_file, save_file
 from .tensors import AffineQuantizedTensor, Codebook4Tensor, TorchqTensor
 
 __version__ = "0.1.0"
+
+# transformers finds torchq checkpoints (quant_method "torchq") once torchq is imported;
+# the registration itself waits until transformers loads its quantizer registry.
+_install_transformers_hook()
+_register_after_quantize(_mark_transformers_model)
+
+
+def __getattr__(name: str):
+    if name == "TorchqConfig":  # imports transformers' quantizer registry: only when asked for
+        from .integrations.transformers import TorchqConfig
+
+        return TorchqConfig
+    raise AttributeError(f"module 'torchq' has no attribute {name!r}")
 
 __all__ = [
     "quantize_",
@@ -55,6 +72,10 @@ __all__ = [
     "QuantConfig",
     "register_config",
     "register_handler",
+    "TorchqConfig",
+    "config_from_scheme",
+    "register_scheme",
+    "scheme_names",
     "config_from_dict",
     "config_from_json",
     "Int8WeightOnlyConfig",

@@ -32,7 +32,7 @@ __all__ = ["available", "load", "build_error", "ISAS", "supported_isas", "curren
 
 ISAS = ("scalar", "avx2", "avx512")
 _CSRC = Path(__file__).with_name("csrc")
-_CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-Wno-unknown-pragmas"]
+_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-Wno-unknown-pragmas"]
 _LDFLAGS = ["-fopenmp"]
 
 _lock = threading.Lock()
@@ -81,42 +81,54 @@ def _load() -> None:
         )
     from . import cpu_ops  # noqa: F401  (fake implementations for torch.compile)
 
+
+def _apply_env_isa() -> None:
     env = os.environ.get("TORCHQ_ISA")
     if env:
-        set_isa(env)
+        set_isa(env.strip().lower())
 
 
 def load() -> None:
-    """Build (first time) and load the extension; raises on failure."""
+    """Build (first time) and load the extension, then apply ``TORCHQ_ISA``; raises on
+    failure (a bad ``TORCHQ_ISA`` raises every time it is consulted)."""
     with _lock:
         if _state["loaded"]:
             return
         if _state["error"] is not None:
             raise RuntimeError("torchq C++ kernels failed to build earlier") from _state["error"]
-        _load()
+        if not _state.get("library"):
+            _load()
+            _state["library"] = True
+        _apply_env_isa()
         _state["loaded"] = True
 
 
 def available() -> bool:
     """True when the C++ kernels are built and loaded. A failed build warns once and
-    returns False ever after (the reference kernels are used)."""
+    returns False ever after (the reference kernels are used). A ``TORCHQ_ISA`` this CPU
+    cannot run raises: forcing a path is an explicit request."""
     if _state["loaded"]:
         return True
     if _state["error"] is not None:
         return False
-    try:
-        load()
-        return True
-    except Exception as e:  # noqa: BLE001 - any build/load failure means: use the references
-        _state["error"] = e
-        warnings.warn(
-            f"torchq: building the C++ CPU kernels failed ({type(e).__name__}: {str(e).strip()[:2000]}); "
-            "falling back to the plain-PyTorch reference kernels (slow). Set TORCHQ_BUILD_VERBOSE=1 for the "
-            "compiler output; a C++ compiler and ninja are needed.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        return False
+    if not _state.get("library"):
+        try:
+            with _lock:
+                if not _state.get("library"):
+                    _load()
+                    _state["library"] = True
+        except Exception as e:  # noqa: BLE001 - any build/load failure means: use the references
+            _state["error"] = e
+            warnings.warn(
+                f"torchq: building the C++ CPU kernels failed ({type(e).__name__}: {str(e).strip()[:2000]}); "
+                "falling back to the plain-PyTorch reference kernels (slow). Set TORCHQ_BUILD_VERBOSE=1 for the "
+                "compiler output; a C++ compiler and ninja are needed.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return False
+    load()
+    return True
 
 
 def build_error() -> Optional[BaseException]:
@@ -139,6 +151,8 @@ def current_isa() -> str:
 
 def set_isa(name: str) -> None:
     """Use ISA path ``name`` from now on (raises if unknown or unsupported here)."""
+    if not _state.get("library"):
+        load()
     if name not in ISAS:
         raise ValueError(f"unknown ISA {name!r}; choose one of {ISAS} (TORCHQ_ISA)")
     ok = torch.ops.torchq._supported_isas()

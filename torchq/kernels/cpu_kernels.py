@@ -74,9 +74,11 @@ def w8a8_linear(x, w, bias):
 
 # ---------------------------------------------------------------------- accepts()
 def _common_ok(w) -> bool:
+    # "meta": skeletons built on the meta device keep their kernel and layout through
+    # to_empty(device="cpu") and checkpoint loading, so they must pick the CPU kernel too.
     zp = w.zero_point
     return (
-        w.qdata.device.type == "cpu"
+        w.qdata.device.type in ("cpu", "meta")
         and w.scale.dtype in _FLOAT_DTYPES
         and (zp is None or zp.dtype == torch.int8 or zp.dtype in _FLOAT_DTYPES)
     )

@@ -101,8 +101,8 @@ def _int4_to(fields: Fields) -> Fields:
     return out
 
 
-def _int4_from(fields: Fields) -> Fields:
-    q = fields["qdata"]
+def int4_tile16_codes(q: torch.Tensor) -> torch.Tensor:
+    """Unsigned codes (N, Kp) uint8 of ``cpu_int4_tile16`` bytes (N, Kp/2)."""
     kp = q.shape[1] * 2
 
     def inner(b: torch.Tensor, rows: int) -> torch.Tensor:  # (T, C*rows*4) bytes -> (T, rows, Kp) codes
@@ -111,8 +111,17 @@ def _int4_from(fields: Fields) -> Fields:
         x = torch.stack((x & 0x0F, x >> 4), dim=-1)  # (T, C, rows, 4, 2)
         return x.permute(0, 2, 1, 4, 3).reshape(t, rows, kp)
 
+    return _untile(q, inner)
+
+
+def untile_params(p: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Canonical (N, groups) parameters from their tiled layout."""
+    return _params_from(p)
+
+
+def _int4_from(fields: Fields) -> Fields:
     out = _with_params(fields, _params_from)
-    out["qdata"] = pack_int4(_untile(q, inner))
+    out["qdata"] = pack_int4(int4_tile16_codes(fields["qdata"]))
     return out
 
 
@@ -123,11 +132,15 @@ def _k16_to(fields: Fields) -> Fields:
     return out
 
 
-def _k16_from(fields: Fields) -> Fields:
-    q = fields["qdata"]
+def int8_k16_codes(q: torch.Tensor) -> torch.Tensor:
+    """int8 codes (N, Kp) of ``cpu_int8_k16`` data."""
     kp = q.shape[1]
+    return _untile(q, lambda b, rows: b.reshape(b.shape[0], kp, rows).transpose(1, 2))
+
+
+def _k16_from(fields: Fields) -> Fields:
     out = _with_params(fields, _params_from)
-    out["qdata"] = _untile(q, lambda b, rows: b.reshape(b.shape[0], kp, rows).transpose(1, 2))
+    out["qdata"] = int8_k16_codes(fields["qdata"])
     return out
 
 
@@ -147,8 +160,8 @@ def _k4_to(fields: Fields) -> Fields:
     return out
 
 
-def _k4_from(fields: Fields) -> Fields:
-    q = fields["qdata"]
+def int8_k4x16_codes(q: torch.Tensor) -> torch.Tensor:
+    """int8 codes (N, Kp) of ``cpu_int8_k4x16`` data."""
     kp = q.shape[1]
     k4 = kp // 4 * 4
 
@@ -158,8 +171,12 @@ def _k4_from(fields: Fields) -> Fields:
         tail = b[:, rows * k4 :].reshape(t, rows, kp - k4)
         return torch.cat([main, tail], dim=2)
 
+    return _untile(q, inner)
+
+
+def _k4_from(fields: Fields) -> Fields:
     out = _with_params(fields, _params_from)
-    out["qdata"] = _untile(q, inner)
+    out["qdata"] = int8_k4x16_codes(fields["qdata"])
     return out
 
 

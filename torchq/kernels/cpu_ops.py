@@ -62,3 +62,56 @@ def _codebook4_linear(x, qdata, scale, lut, bias, block_size, dq_code=None, dq_a
 def _quantize_per_token_int8(x):
     m = _rows(x)
     return x.new_empty((m, x.shape[-1]), dtype=torch.int8), x.new_empty((m, 1), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------- autograd
+# Gradients flow to the activations (and bias) so that adapters can train on top of a
+# quantized model: grad_x = grad_y @ W, with W the dequantized weight recovered from the
+# kernel layout. The dynamic-int8 ops (W8A8, W4A8) use the straight-through estimator for
+# their activation rounding. The quantized weight itself gets no gradient.
+def _weight_from_layout(layout_name: str, qdata, scale, zero_point, group_size: int, quant_min: int, k: int):
+    from ..primitives.affine import dequantize_affine
+    from . import cpu_layouts as L
+
+    codes_of = {"cpu_int4_tile16": L.int4_tile16_codes, "cpu_int8_k16": L.int8_k16_codes,
+                "cpu_int8_k4x16": L.int8_k4x16_codes}[layout_name]
+    codes = codes_of(qdata).to(torch.int16) + quant_min
+    zp = L.untile_params(zero_point)
+    domain = "none" if zp is None else ("int" if zp.dtype == torch.int8 else "float")
+    w = dequantize_affine(codes, (1, group_size), L.untile_params(scale), zp, domain, torch.float32)
+    return w[:, :k]
+
+
+def _register_linear_autograd(op: str, layout_name: str, has_zero: bool, has_group: bool, has_qmin: bool):
+    def setup_context(ctx, inputs, output):
+        x, qdata, scale = inputs[:3]
+        rest = list(inputs[3:])
+        ctx.zero_present = has_zero and rest[0] is not None
+        zero = rest.pop(0) if has_zero else None
+        bias = rest.pop(0)
+        ctx.group = rest.pop(0) if has_group else qdata.shape[1]
+        ctx.qmin = rest.pop(0) if has_qmin else 0
+        ctx.has_bias = bias is not None
+        ctx.x_dtype = x.dtype
+        ctx.k = x.shape[-1]
+        ctx.n_inputs = len(inputs)
+        ctx.save_for_backward(qdata, scale, zero if ctx.zero_present else None)
+
+    def backward(ctx, grad):
+        qdata, scale, zero = ctx.saved_tensors
+        grads = [None] * ctx.n_inputs
+        if ctx.needs_input_grad[0]:
+            w = _weight_from_layout(layout_name, qdata, scale, zero, ctx.group, ctx.qmin, ctx.k)
+            grads[0] = (grad.float() @ w).to(ctx.x_dtype)
+        bias_index = 4 if has_zero else 3
+        if ctx.has_bias and ctx.needs_input_grad[bias_index]:
+            grads[bias_index] = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return tuple(grads)
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+
+_register_linear_autograd("torchq::int4_linear", "cpu_int4_tile16", True, True, True)
+_register_linear_autograd("torchq::int8_linear", "cpu_int8_k16", True, True, False)
+_register_linear_autograd("torchq::w4a8_linear", "cpu_int4_tile16", True, True, True)
+_register_linear_autograd("torchq::w8a8_linear", "cpu_int8_k4x16", False, False, False)

@@ -226,6 +226,21 @@ def _to_copy(func, types, args, kwargs):
     return moved
 
 
+@TorchqTensor.implements(aten.empty_like.default)
+def _empty_like(func, types, args, kwargs):
+    """Same class and format with uninitialized inner tensors: what ``Module.to_empty``
+    (meta-device skeleton -> real device) needs. Load a checkpoint into it afterwards."""
+    self = args[0]
+    device = kwargs.get("device")
+    dtype = kwargs.get("dtype")
+    out = self._map_tensors(lambda t: torch.empty_like(t, device=device if device is not None else t.device))
+    if dtype is not None and dtype != self.dtype:
+        if not dtype.is_floating_point:
+            raise TypeError(f"{type(self).__name__} can only be cast to a floating dtype, got {dtype}")
+        out = out._rebuild(outer_dtype=dtype)
+    return out
+
+
 @TorchqTensor.implements([aten.is_same_size.default])
 def _is_same_size(func, types, args, kwargs):
     return tuple(args[0].shape) == tuple(args[1].shape)

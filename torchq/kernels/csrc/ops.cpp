@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <cpuid.h>
 #include <functional>
 #include <string>
@@ -65,6 +66,18 @@ std::atomic<int64_t> g_int4_gemm_min_m{8};
 std::atomic<int64_t> g_int8_gemm_min_m{8};
 
 int64_t supported_isas() { return kSupported; }
+
+// How many distinct threads at::parallel_for used for `n` items: 1 for an extension
+// built without OpenMP, whatever torch.set_num_threads allows otherwise (tests).
+int64_t parallel_threads(int64_t n) {
+  std::atomic<int64_t> mask{0};
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) {
+    volatile double sink = 0;
+    for (int i = 0; i < 200000; ++i) sink = sink + i;  // long enough for every thread to join
+    mask.fetch_or(int64_t(1) << (at::get_thread_num() & 63));
+  });
+  return __builtin_popcountll((unsigned long long)mask.load());
+}
 int64_t get_isa() { return g_isa.load(); }
 void set_isa(int64_t isa) {
   TORCH_CHECK(isa >= 0 && isa <= 2, "torchq: unknown ISA id ", isa);
@@ -86,6 +99,53 @@ int64_t tune(std::string name, int64_t value) {
   return p->exchange(value < 0 ? dflt : value);
 }
 
+// ------------------------------------------------------------------ scratch memory
+// Per-thread scratch reused across calls (activation preparation, GEMM blocks), so a call
+// allocates only its output. Requests above kMaxCached bytes get a one-off tensor.
+constexpr size_t kMaxCached = 64u << 20;
+
+struct ScratchBuf {
+  std::vector<uint64_t> mem;
+  at::Tensor big;
+  void* get(size_t bytes) {
+    if (bytes > kMaxCached) {
+      big = at::empty({(int64_t)bytes}, at::kByte);
+      return big.data_ptr();
+    }
+    big = at::Tensor();
+    const size_t words = (bytes + 7) / 8 + 8;
+    if (mem.size() < words) mem.resize(words);
+    return mem.data();
+  }
+};
+
+// Bump allocator over one ScratchBuf: carve aligned pieces for one call.
+struct Carver {
+  uint8_t* base;
+  size_t off = 0;
+  template <class T>
+  T* take(int64_t n) {
+    off = (off + 63) & ~(size_t)63;
+    T* p = (T*)(base + off);
+    off += sizeof(T) * (size_t)n;
+    return p;
+  }
+};
+
+// Bytes needed for the pieces carved by a Carver (same alignment rule).
+struct Sizer {
+  size_t off = 0;
+  template <class T>
+  void add(int64_t n) {
+    off = (off + 63) & ~(size_t)63;
+    off += sizeof(T) * (size_t)n;
+  }
+};
+
+thread_local ScratchBuf tl_prep;   // calling thread: prepared activations
+thread_local ScratchBuf tl_gemm;   // every thread: GEMM-path blocks
+thread_local ScratchBuf tl_dq;     // every thread: decoded double-quantized scales (codebook4)
+
 // ------------------------------------------------------------------ argument helpers
 int32_t float_dt(const at::Tensor& t, const char* what) {
   switch (t.scalar_type()) {
@@ -100,7 +160,7 @@ int32_t float_dt(const at::Tensor& t, const char* what) {
 // Activations viewed as (M, K) with unit stride along K.
 at::Tensor rows_of(const at::Tensor& x) {
   TORCH_CHECK(x.dim() >= 1, "torchq: activations need at least one dimension");
-  at::Tensor x2 = x.reshape({-1, x.size(-1)});
+  at::Tensor x2 = x.dim() == 2 ? x : x.reshape({-1, x.size(-1)});
   if (x2.size(1) > 1 && x2.stride(1) != 1) x2 = x2.contiguous();
   if (x2.size(0) > 1 && x2.stride(0) < x2.size(1)) x2 = x2.contiguous();
   return x2;
@@ -203,26 +263,54 @@ Prepared prepare_weight(const at::Tensor& qdata, const at::Tensor& scale, const 
 at::Tensor bias_f32(const c10::optional<at::Tensor>& bias, int64_t n) {
   if (!bias.has_value()) return at::Tensor();
   TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "torchq: bias must have shape (", n, ")");
+  if (bias->scalar_type() == at::kFloat && bias->is_contiguous()) return *bias;
   return bias->to(at::kFloat).contiguous();
 }
 
-Out make_out(at::Tensor& y, const at::Tensor& b) {
+Out make_out(at::Tensor& y, const at::Tensor& b, int64_t n) {
   Out o;
   o.y = y.data_ptr();
   o.dt = float_dt(y, "output");
-  o.ldy = y.size(1);
+  o.ldy = n;
   o.bias = b.defined() ? b.data_ptr<float>() : nullptr;
   o.raw = nullptr;
   return o;
 }
 
+// Split the weight tiles over threads; `work` ~ bytes streamed + MACs / 8 of the call.
+// Below kSerialWork a parallel region costs more than it saves: run inline.
+constexpr int64_t kSerialWork = 48 * 1024;
+
 template <class Fn>
-void over_tiles(int64_t n, Fn&& fn) {
+void over_tiles(int64_t n, int64_t work, Fn&& fn) {
   const int64_t tiles = (n + TILE - 1) / TILE;
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) { fn(t0, t1); });
+  const int64_t threads = at::get_num_threads();
+  if (work < kSerialWork || tiles == 1 || threads == 1 || at::in_parallel_region()) {
+    fn(0, tiles);
+    return;
+  }
+  // Threads take chunks of contiguous tiles from a shared counter (about 8 per thread)
+  // instead of one fixed range each: on a busy host a descheduled thread's share is
+  // picked up by the others. Each tile is still computed by exactly one thread, so
+  // results do not depend on the thread count or the schedule.
+  const int64_t nthr = threads < tiles ? threads : tiles;
+  const int64_t chunk = std::max<int64_t>(1, tiles / (nthr * 8));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nthr, 1, [&](int64_t, int64_t) {
+    for (;;) {
+      const int64_t t0 = next.fetch_add(chunk);
+      if (t0 >= tiles) break;
+      fn(t0, std::min(tiles, t0 + chunk));
+    }
+  });
 }
 
 // ------------------------------------------------------------------ weight-only ops
+int64_t call_work(const QWeight& q, int64_t M, bool int4) {
+  const int64_t bytes = q.N * q.Kp / (int4 ? 2 : 1);
+  return bytes + M * q.N * q.K / 8;
+}
+
 // Runs the kernel over weight tiles [t0, t1) (default: the KernelTable entry of the scheme).
 using TileRunner = std::function<void(const QWeight&, const Acts&, const Out&, int64_t, int64_t, int, Scratch)>;
 
@@ -237,54 +325,60 @@ at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qdata, cons
   Prepared p = prepare_weight(qdata, scale, zero, group, qmin, K, int4, false);
   p.q.lut = lut;
   const QWeight& q = p.q;
-  at::Tensor y = at::empty({M, q.N}, x.options());
-  if (M == 0) return y.view(out_shape(x, q.N));
+  at::Tensor y = at::empty(out_shape(x, q.N), x.options());
+  if (M == 0) return y;
   at::Tensor b = bias_f32(bias, q.N);
-  Out o = make_out(y, b);
+  Out o = make_out(y, b, q.N);
   const KernelTable* kt = table();
   const bool gemm = M >= (int4 ? g_int4_gemm_min_m : g_int8_gemm_min_m).load();
   Acts a{};
   a.M = M;
-  const auto fopt = x.options().dtype(at::kFloat);
-  at::Tensor xp, xsum, rs;
-  const bool need_sum = q.zero_kind != ZK_NONE || q.qmin != 0;
+  const bool need_sum = (int4 && !lut) || q.zero_kind != ZK_NONE || q.qmin != 0;
   if (!gemm) {
-    xp = at::empty({M, q.Kp}, fopt);
-    xsum = at::empty({M, q.G}, fopt);
+    Sizer sz;
+    sz.add<float>(M * q.Kp);
+    sz.add<float>(M * q.G);
+    sz.add<float>(M);
+    Carver c{(uint8_t*)tl_prep.get(sz.off)};
+    float* xp = c.take<float>(M * q.Kp);
+    float* xsum = c.take<float>(M * q.G);
+    float* rs = c.take<float>(M);
     if (int4 && !lut) {
-      rs = at::empty({M}, fopt);
-      kt->prep_int4_gemv(x2.data_ptr(), xdt, M, K, x2.stride(0), q.Kp, group, xp.data_ptr<float>(),
-                         xsum.data_ptr<float>(), rs.data_ptr<float>());
-      a.rscale = rs.data_ptr<float>();
+      kt->prep_int4_gemv(x2.data_ptr(), xdt, M, K, x2.stride(0), q.Kp, group, xp, xsum, rs);
+      a.rscale = rs;
     } else {
-      kt->prep_f32(x2.data_ptr(), xdt, M, K, x2.stride(0), q.Kp, group, xp.data_ptr<float>(),
-                   need_sum ? xsum.data_ptr<float>() : nullptr);
+      kt->prep_f32(x2.data_ptr(), xdt, M, K, x2.stride(0), q.Kp, group, xp, need_sum ? xsum : nullptr);
       a.rscale = nullptr;
     }
-    a.x = xp.data_ptr<float>();
+    a.x = xp;
     a.ldx = q.Kp;
-    a.xsum = xsum.data_ptr<float>();
+    a.xsum = xsum;
+  } else if (xdt == DT_F32 && (M == 1 || x2.stride(0) >= K)) {
+    a.x = x2.data_ptr<float>();
+    a.ldx = M == 1 ? K : x2.stride(0);
   } else {
-    if (xdt == DT_F32 && (M == 1 || x2.stride(0) >= K)) {
-      xp = x2;
-      a.ldx = M == 1 ? K : x2.stride(0);
-    } else {
-      xp = at::empty({M, K}, fopt);
-      kt->prep_f32(x2.data_ptr(), xdt, M, K, x2.stride(0), K, 0, xp.data_ptr<float>(), nullptr);
-      a.ldx = K;
-    }
-    a.x = xp.data_ptr<float>();
+    float* xf = (float*)tl_prep.get(sizeof(float) * M * K);
+    const int64_t ldx = x2.stride(0);
+    const uint8_t* src = (const uint8_t*)x2.data_ptr();
+    const int64_t es = x2.element_size();
+    auto conv = [&](int64_t m0, int64_t m1) {
+      kt->prep_f32(src + m0 * ldx * es, xdt, m1 - m0, K, ldx, K, 0, xf + m0 * K, nullptr);
+    };
+    if (M * K >= (1 << 16)) at::parallel_for(0, M, 16, conv); else conv(0, M);
+    a.x = xf;
+    a.ldx = K;
   }
-  over_tiles(q.N, [&](int64_t t0, int64_t t1) {
-    std::vector<float> scratch(gemm ? gemm_scratch_floats() : 0);
-    Scratch s{scratch.data(), (int64_t)scratch.size()};
+  const auto wo = lut ? kt->cb4_wo : int4 ? kt->int4_wo : kt->int8_wo;
+  over_tiles(q.N, call_work(q, M, int4), [&](int64_t t0, int64_t t1) {
+    Scratch s{nullptr, 0};
+    if (gemm) s = Scratch{(float*)tl_gemm.get(sizeof(float) * gemm_scratch_floats()), gemm_scratch_floats()};
     if (runner) {
       (*runner)(q, a, o, t0, t1, gemm ? 1 : 0, s);
     } else {
-      (lut ? kt->cb4_wo : int4 ? kt->int4_wo : kt->int8_wo)(q, a, o, t0, t1, gemm ? 1 : 0, s);
+      wo(q, a, o, t0, t1, gemm ? 1 : 0, s);
     }
   });
-  return y.view(out_shape(x, q.N));
+  return y;
 }
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
@@ -346,7 +440,7 @@ at::Tensor cb4_dq_linear(const at::Tensor& x, const at::Tensor& qdata, const at:
   const TileRunner runner = [&](const QWeight& q, const Acts& a, const Out& o, int64_t t0, int64_t t1, int gemm,
                                 Scratch s) {
     constexpr int64_t SPAN = GEMM_NB;
-    std::vector<float> dec(SPAN * G * TILE);
+    float* dec = (float*)tl_dq.get(sizeof(float) * SPAN * G * TILE);
     const int64_t osize = o.dt == DT_F32 ? 4 : 2;
     for (int64_t tb = t0; tb < t1;) {
       // a span of full tiles, or the tail tile alone, run as a weight of its own
@@ -354,8 +448,8 @@ at::Tensor cb4_dq_linear(const at::Tensor& x, const at::Tensor& qdata, const at:
       QWeight qt = q;
       qt.w = q.w + tb * q.tile_bytes;
       if (tb < n_full) {
-        for (int64_t t = tb; t < te; ++t) decode_dq_rows(qp, cp, ap, off, G, t * TILE, TILE, dec.data() + (t - tb) * TILE * G);
-        qt.scale = (const uint8_t*)dec.data();
+        for (int64_t t = tb; t < te; ++t) decode_dq_rows(qp, cp, ap, off, G, t * TILE, TILE, dec + (t - tb) * TILE * G);
+        qt.scale = (const uint8_t*)dec;
         qt.n_full = te - tb;
         qt.N = (te - tb) * TILE;
       } else {
@@ -390,26 +484,36 @@ at::Tensor cb4_linear(const at::Tensor& x, const at::Tensor& qdata, const at::Te
 
 // ------------------------------------------------------------------ dynamic int8 ops
 struct QuantActs {
-  at::Tensor q, qabs, qsum, scale;
+  int8_t* q;
+  uint8_t* qabs;
+  int32_t* qsum;
+  float* scale;
 };
 
-QuantActs quantize_acts(const at::Tensor& x2, int64_t ldq, int64_t group) {
+// Quantize rows of x2 into the calling thread's scratch (q zero-padded to ldq).
+QuantActs quantize_acts(const at::Tensor& x2, int64_t ldq, int64_t group, float* scale_out) {
   const int32_t xdt = float_dt(x2, "activations");
   const int64_t M = x2.size(0), K = x2.size(1);
+  const int64_t G = group > 0 ? ldq / group : 0;
+  Sizer sz;
+  sz.add<int8_t>(M * ldq);
+  sz.add<uint8_t>(M * ldq);
+  sz.add<int32_t>(M * G);
+  sz.add<float>(M);
+  Carver c{(uint8_t*)tl_prep.get(sz.off)};
   QuantActs r;
-  const auto opts = x2.options();
-  r.q = at::empty({M, ldq}, opts.dtype(at::kChar));
-  r.qabs = at::empty({M, ldq}, opts.dtype(at::kByte));
-  r.scale = at::empty({M, 1}, opts.dtype(at::kFloat));
-  if (group > 0) r.qsum = at::empty({M, ldq / group}, opts.dtype(at::kInt));
+  r.q = c.take<int8_t>(M * ldq);
+  r.qabs = c.take<uint8_t>(M * ldq);
+  r.qsum = G ? c.take<int32_t>(M * G) : nullptr;
+  r.scale = scale_out ? scale_out : c.take<float>(M);
   const KernelTable* kt = table();
+  const int64_t ldx = x2.stride(0), es = x2.element_size();
+  const uint8_t* src = (const uint8_t*)x2.data_ptr();
   auto run = [&](int64_t m0, int64_t m1) {
-    const uint8_t* base = (const uint8_t*)x2.data_ptr() + m0 * x2.stride(0) * x2.element_size();
-    kt->quant_act(base, xdt, m1 - m0, K, x2.stride(0), ldq, group, r.q.data_ptr<int8_t>() + m0 * ldq,
-                  r.qabs.data_ptr<uint8_t>() + m0 * ldq, group > 0 ? r.qsum.data_ptr<int32_t>() + m0 * (ldq / group) : nullptr,
-                  r.scale.data_ptr<float>() + m0);
+    kt->quant_act(src + m0 * ldx * es, xdt, m1 - m0, K, ldx, ldq, group, r.q + m0 * ldq, r.qabs + m0 * ldq,
+                  r.qsum ? r.qsum + m0 * G : nullptr, r.scale + m0);
   };
-  if (M >= 16) {
+  if (M * K >= (1 << 16)) {
     at::parallel_for(0, M, 8, run);
   } else if (M > 0) {
     run(0, M);
@@ -419,8 +523,12 @@ QuantActs quantize_acts(const at::Tensor& x2, int64_t ldq, int64_t group) {
 
 std::tuple<at::Tensor, at::Tensor> quantize_per_token_int8(const at::Tensor& x) {
   at::Tensor x2 = rows_of(x);
-  QuantActs r = quantize_acts(x2, x2.size(1), 0);
-  return {r.q, r.scale};
+  const int64_t M = x2.size(0), K = x2.size(1);
+  at::Tensor scale = at::empty({M, 1}, x.options().dtype(at::kFloat));
+  QuantActs r = quantize_acts(x2, K, 0, scale.data_ptr<float>());
+  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
+  if (M * K) std::memcpy(q.data_ptr<int8_t>(), r.q, (size_t)(M * K));
+  return {q, scale};
 }
 
 at::Tensor dynamic_linear(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
@@ -435,28 +543,28 @@ at::Tensor dynamic_linear(const at::Tensor& x, const at::Tensor& qdata, const at
   }
   Prepared p = prepare_weight(qdata, scale, zero, group, qmin, K, int4, !int4);
   const QWeight& q = p.q;
-  QuantActs qa = quantize_acts(x2, q.Kp, int4 ? group : 0);
+  at::Tensor y = raw ? at::empty({M, q.N, q.G}, x.options().dtype(at::kInt)) : at::empty(out_shape(x, q.N), x.options());
+  if (M == 0) return y;
+  QuantActs qa = quantize_acts(x2, q.Kp, int4 ? group : 0, nullptr);
   Acts a{};
   a.M = M;
-  a.xq = qa.q.data_ptr<int8_t>();
-  a.xabs = qa.qabs.data_ptr<uint8_t>();
+  a.xq = qa.q;
+  a.xabs = qa.qabs;
   a.ldq = q.Kp;
-  a.qsum = int4 ? qa.qsum.data_ptr<int32_t>() : nullptr;
-  a.rscale = qa.scale.data_ptr<float>();
+  a.qsum = qa.qsum;
+  a.rscale = qa.scale;
   const KernelTable* kt = table();
+  at::Tensor b;
+  Out o{};
   if (raw) {
-    at::Tensor acc = at::empty({M, q.N, q.G}, x.options().dtype(at::kInt));
-    Out o{};
-    o.raw = acc.data_ptr<int32_t>();
-    if (M) over_tiles(q.N, [&](int64_t t0, int64_t t1) { (int4 ? kt->w4a8 : kt->w8a8)(q, a, o, t0, t1); });
-    return acc;
+    o.raw = y.data_ptr<int32_t>();
+  } else {
+    b = bias_f32(bias, q.N);
+    o = make_out(y, b, q.N);
   }
-  at::Tensor y = at::empty({M, q.N}, x.options());
-  if (M == 0) return y.view(out_shape(x, q.N));
-  at::Tensor b = bias_f32(bias, q.N);
-  Out o = make_out(y, b);
-  over_tiles(q.N, [&](int64_t t0, int64_t t1) { (int4 ? kt->w4a8 : kt->w8a8)(q, a, o, t0, t1); });
-  return y.view(out_shape(x, q.N));
+  const auto fn = int4 ? kt->w4a8 : kt->w8a8;
+  over_tiles(q.N, call_work(q, M, int4) / 2, [&](int64_t t0, int64_t t1) { fn(q, a, o, t0, t1); });
+  return y;
 }
 
 at::Tensor w4a8_linear(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
@@ -498,6 +606,7 @@ TORCH_LIBRARY(torchq, m) {
   m.def("_get_isa() -> int", &get_isa);
   m.def("_set_isa(int isa) -> ()", &set_isa);
   m.def("_tune(str name, int value) -> int", &tune);
+  m.def("_parallel_threads(int n) -> int", &parallel_threads);
 }
 
 TORCH_LIBRARY_IMPL(torchq, CPU, m) {
