@@ -94,7 +94,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=_ints, default=(2,), help="thread counts, e.g. 1,2 to compare (default 2)")
     p.add_argument("--repeat", type=int, help="max timed calls per cell (default 10, quick 5)")
     p.add_argument("--budget", type=float, help="seconds of timed calls per cell (default 0.4, quick 0.1)")
-    p.add_argument("--max-call-s", type=float, default=3.0, help="skip a cell whose call is predicted slower (s)")
+    p.add_argument("--max-call-s", type=float, help="skip a cell whose call is predicted slower (default 3 s, quick 0.5)")
     p.add_argument("--flush-mib", type=int, help="cache flush buffer (default max(128, 4 x LLC))")
     p.add_argument("--bw-mib", type=int, default=1024, help="bandwidth probe tensor size (default 1 GiB)")
     p.add_argument("--bw-threads", type=int, default=2, help="threads of the bandwidth probe (default 2)")
@@ -108,6 +108,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args.m = args.m or (QUICK_MS if args.quick else MS)
     args.repeat = args.repeat or (5 if args.quick else 10)
     args.budget = args.budget if args.budget is not None else (0.1 if args.quick else 0.4)
+    args.max_call_s = args.max_call_s if args.max_call_s is not None else (0.5 if args.quick else 3.0)
     if args.flush_mib is None:
         args.flush_mib = max(128, 4 * (llc_bytes() or 0) // 2**20)
     return args
@@ -140,6 +141,7 @@ class Record:
     kernel: str = ""
     weight_bytes: int = 0
     note: str = ""
+    prepare_s: Optional[float] = None  # quantize / pack / compile-wrap time of this row at this shape
     ms: Optional[float] = None
     min_ms: Optional[float] = None
     samples_ms: list[float] = field(default_factory=list)
@@ -189,12 +191,14 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
                 shape = f"{n}x{k}"
                 weight = torch.randn(n, k, generator=gen) / math.sqrt(k)
                 ctx = ShapeContext(weight)
-                prepared = {}
+                prepared, prepare_s = {}, {}
                 for row in rows:
                     reason = row.unavailable()
                     if reason is None:
                         try:
+                            t0 = time.perf_counter()
                             prepared[row.key] = row.prepare(ctx, ACT_DTYPES[row.act])
+                            prepare_s[row.key] = time.perf_counter() - t0
                             continue
                         except Exception as exc:  # a peer that cannot run here: say why, keep going
                             reason = _error(exc)
@@ -216,7 +220,8 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
                         if p is None:
                             continue
                         for t in args.threads:
-                            rec = Record(shape, n, k, m, row.name, row.act, row.family, t, "ok", p.kernel, p.weight_bytes, p.note)
+                            rec = Record(shape, n, k, m, row.name, row.act, row.family, t, "ok", p.kernel, p.weight_bytes,
+                                         p.note, prepare_s[row.key])
                             records.append(rec)
                             hist = history.setdefault((row.key, t), [])
                             guess = _predict(hist, m)
