@@ -402,6 +402,8 @@ def render_markdown(res: dict[str, Any], shapes: Optional[list[str]] = None, fol
     shapes = shapes or st["shapes"]
     parts = [_header(res)]
     headline = f"{HEADLINE_SHAPE[0]}x{HEADLINE_SHAPE[1]}"
+    if fold and headline in shapes:  # the headline shape open and first, the others folded
+        shapes = [headline] + [s for s in shapes if s != headline]
     for t in st["threads"]:
         for shape in shapes:
             title = f"{shape} (N x K), {t} thread{'s' if t > 1 else ''}"
@@ -482,7 +484,7 @@ def plot(res: dict[str, Any], path: str) -> None:
     fig.suptitle(f"Linear latency relative to bf16 dense eager (lower is better), {t} threads, "
                  f"{res['machine']['cpu']}, DRAM {bw:.0f} GB/s, {res['machine']['date']}", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=80, bbox_inches="tight")
+    fig.savefig(path, dpi=70, bbox_inches="tight")
     plt.close(fig)
 
 
