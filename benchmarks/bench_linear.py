@@ -7,7 +7,7 @@ DRAM roofline (weight+scale bytes / read bandwidth measured in the same run) and
 over bf16 dense eager. Writes a markdown table (stdout and ``--out``), a JSON and a PNG;
 ``--readme`` also rewrites README.md's ``bench_linear`` section and the committed plot.
 
-    python benchmarks/bench_linear.py                 # full run (~10 min on 2 cores)
+    python benchmarks/bench_linear.py                 # full run (~13 min on 2 busy cores)
     python benchmarks/bench_linear.py --quick         # < 1 min smoke run
     python benchmarks/bench_linear.py --shapes 11008x4096 --m 1,32 --rows "int4" --threads 1,2
 
