@@ -247,3 +247,25 @@ def test_aten_mm_addmm_paths_run_the_same_kernel():
         qw.t() @ torch.randn(16, 2)
     with pytest.raises(NotImplementedError, match="alpha = beta = 1"):
         torch.addmm(b, x[0], qw.t(), beta=2)
+
+
+def test_kernel_is_reselected_after_a_device_change():
+    """A weight built on meta (skeleton models) must not keep a kernel picked for meta."""
+    from torchq.kernels import registry
+    from torchq.kernels.reference import weight_only_reference
+
+    name = "test_meta_only.int8_weight_only"
+    registry.register_kernel(
+        registry.LinearKernel(name, "int8_weight_only", "plain_int8", weight_only_reference, priority=10**6,
+                              accepts=lambda t: t.qdata.device.type == "meta")
+    )
+    try:
+        q = AffineQuantizedTensor.from_float(torch.randn(8, 64, device="meta"), scheme="int8_weight_only", bits=8,
+                                             group_size=None, symmetric=True)
+        assert q.kernel == name
+        moved = torch.empty_like(q, device="cpu")
+        assert moved.device.type == "cpu" and moved.kernel != name
+        assert torch.empty_like(moved).kernel == moved.kernel  # same device: no reselection needed
+    finally:
+        del registry._KERNELS["int8_weight_only"][name]
+        del registry._BY_NAME[name]

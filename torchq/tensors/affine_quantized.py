@@ -178,6 +178,9 @@ class AffineQuantizedTensor(TorchqTensor):
         packed = get_layout(kernel.layout).to_layout(canonical)
         return self._rebuild(**packed, quant_layout=kernel.layout, kernel=kernel.name)
 
+    def _after_device_change(self) -> "AffineQuantizedTensor":
+        return self._with_kernel()
+
     def _validate(self) -> None:
         n, k = self.shape
         g = self.group_size
