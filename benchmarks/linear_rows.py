@@ -175,6 +175,11 @@ torchq_row("torchq int4 wo g128", lambda: __import__("torchq").int4_weight_only(
 torchq_row("torchq int4 wo g32", lambda: __import__("torchq").int4_weight_only(group_size=32))
 torchq_row("torchq W8A8", lambda: __import__("torchq").int8_dynamic_activation_int8_weight())
 torchq_row("torchq W4A8 g128", lambda: __import__("torchq").int8_dynamic_activation_int4_weight(group_size=128))
+torchq_row("torchq int4 wo g64", lambda: __import__("torchq").int4_weight_only(group_size=64))
+torchq_row("torchq nf4 b64", lambda: __import__("torchq").nf4_weight_only())
+torchq_row("torchq nf4 b64 dq", lambda: __import__("torchq").nf4_weight_only(double_quant=True))
+torchq_row("torchq fp4 e2m1 b64", lambda: __import__("torchq").fp4_weight_only(variant="e2m1"))
+torchq_row("torchq fp4 bnb b64", lambda: __import__("torchq").fp4_weight_only(variant="bnb"))
 
 
 # ---------------------------------------------------------------------- aten peers
