@@ -4,7 +4,7 @@ import pytest
 
 import torchq
 from torchq import configs
-from torchq.schemes_vocab import RESERVED, config_from_scheme, register_scheme, scheme_names
+from torchq.schemes_vocab import config_from_scheme, register_scheme, scheme_names
 
 
 def test_affine_names_build_their_configs():
@@ -25,12 +25,13 @@ def test_only_exact_names(name):
         config_from_scheme(name)
 
 
-@pytest.mark.parametrize("name", sorted(RESERVED))
-def test_reserved_codebook_names_say_they_are_not_in_this_build(name):
-    if name in scheme_names():
-        pytest.skip(f"{name} is registered in this build")
-    with pytest.raises(ValueError, match=f"'{name}'.*not available in this build.*valid schemes"):
-        config_from_scheme(name)
+def test_codebook_names_build_their_configs():
+    assert config_from_scheme("nf4") == torchq.nf4_weight_only()
+    assert config_from_scheme("nf4", group_size=128) == torchq.nf4_weight_only(block_size=128)
+    assert config_from_scheme("fp4_e2m1") == torchq.fp4_weight_only(variant="e2m1")
+    assert config_from_scheme("fp4_e2m1_bnb", group_size=32) == torchq.fp4_weight_only(variant="bnb", block_size=32)
+    assert config_from_scheme("nf4", double_quant=True) == torchq.nf4_weight_only(double_quant=True)
+    assert scheme_names() == ["fp4_e2m1", "fp4_e2m1_bnb", "int4", "int8", "nf4", "w4a8", "w8a8"]
 
 
 def test_bad_options_are_named():

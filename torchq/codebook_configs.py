@@ -107,3 +107,24 @@ def fp4_e2m1(block_size: int = 64, double_quant: bool = False, pad_policy: str =
 def fp4_e2m1_bnb(block_size: int = 64, double_quant: bool = False, pad_policy: str = "pad") -> FP4WeightOnlyConfig:
     """Alias of ``fp4_weight_only(variant="bnb")`` (Intel extension's name)."""
     return fp4_weight_only("bnb", block_size, double_quant, pad_policy)
+
+
+def _scheme_factory(factory):
+    """Adapt a codebook factory to the vocabulary's ``group_size`` spelling (= block size)."""
+
+    def make(group_size: int = 64, double_quant: bool = False, pad_policy: str = "pad"):
+        return factory(block_size=group_size, double_quant=double_quant, pad_policy=pad_policy)
+
+    make.__qualname__ = f"{factory.__name__}_scheme"
+    return make
+
+
+def _register_schemes() -> None:
+    from .schemes_vocab import register_scheme
+
+    register_scheme("nf4", _scheme_factory(nf4_weight_only), "NF4 4-bit codebook (bitsandbytes), block 64 by default")
+    register_scheme("fp4_e2m1", _scheme_factory(fp4_e2m1), "FP4 e2m1 (OCP / MX), scale = absmax / 6, block 64")
+    register_scheme("fp4_e2m1_bnb", _scheme_factory(fp4_e2m1_bnb), "FP4, bitsandbytes' 16-entry table, block 64")
+
+
+_register_schemes()

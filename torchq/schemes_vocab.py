@@ -8,8 +8,7 @@ ones.
 
 This is a registration table: a module that adds a format registers its names with
 :func:`register_scheme` when it is imported (the codebook formats register ``nf4``,
-``fp4_e2m1`` and ``fp4_e2m1_bnb``). Until such a module is present those names are
-*reserved*: asking for one says which names work in this build.
+``fp4_e2m1`` and ``fp4_e2m1_bnb``).
 """
 
 from __future__ import annotations
@@ -26,16 +25,7 @@ from .configs import (
     int8_weight_only,
 )
 
-__all__ = ["SchemeEntry", "register_scheme", "scheme_names", "scheme_entries", "config_from_scheme", "RESERVED"]
-
-#: Names promised to formats that register later (the codebook formats): asking for one
-#: before its module registered it says so, instead of "unknown scheme".
-RESERVED = {
-    "nf4": "NF4 (bitsandbytes normal-float 4-bit codebook)",
-    "fp4_e2m1": "FP4 e2m1 (OCP / MX 4-bit float)",
-    "fp4_e2m1_bnb": "FP4, bitsandbytes' 16-entry table",
-}
-
+__all__ = ["SchemeEntry", "register_scheme", "scheme_names", "scheme_entries", "config_from_scheme"]
 
 @dataclass(frozen=True)
 class SchemeEntry:
@@ -90,10 +80,6 @@ def config_from_scheme(name: str, group_size: Optional[int] = None, **options: A
     entry = _SCHEMES.get(name)
     if entry is None:
         valid = ", ".join(scheme_names())
-        if name in RESERVED:
-            raise ValueError(
-                f"scheme {name!r} ({RESERVED[name]}) is not available in this build of torchq; valid schemes: {valid}"
-            )
         raise ValueError(f"unknown scheme {name!r}; valid schemes: {valid}")
     kwargs = dict(options)
     if group_size is not None:
