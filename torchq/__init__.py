@@ -33,6 +33,17 @@ from .tensors import AffineQuantizedTensor, TorchqTensor
 
 __version__ = "0.1.0"
 
+
+def load_gguf(path, **kwargs):
+    """A GGUF file as a transformers causal LM with torchq weights (see :mod:`torchq.interop.gguf`).
+
+    Imported lazily: ``import torchq`` does not need ``gguf`` / ``accelerate``.
+    """
+    from .interop.gguf import load_gguf as _load_gguf
+
+    return _load_gguf(path, **kwargs)
+
+
 __all__ = [
     "quantize_",
     "QuantizationReport",
@@ -40,6 +51,7 @@ __all__ = [
     "explain",
     "save_file",
     "load_file",
+    "load_gguf",
     "AffineQuantizedTensor",
     "TorchqTensor",
     "QuantConfig",
