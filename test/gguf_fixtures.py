@@ -1,15 +1,16 @@
-"""Tiny synthetic GGUF files for fast importer tests (written with gguf-py's writer).
+"""Tiny synthetic GGUF files for fast tests (written with gguf-py's writer).
 
-A 2-layer llama (hidden 64, 4 heads, 2 KV heads, vocab 96) whose tensors use every block
-type the importer maps (Q4_0, Q4_1, Q8_0), plain floats (F32, F16) and one type it must
-dequantize (Q5_0). Weights are random; llama.cpp's quantizers from gguf-py write them.
+A 2-layer llama (hidden 64, 4 heads, 2 KV heads) whose tensors use every block type the
+importer maps (Q4_0, Q4_1, Q8_0), plain floats (F32, F16) and one type it must dequantize
+(Q5_0), with a byte-level BPE tokenizer (the 256 byte symbols, one merge, an end-of-text
+token). Weights are random; gguf-py's ports of llama.cpp's quantizers write them.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-HIDDEN, HEADS, KV_HEADS, FFN, VOCAB, LAYERS = 64, 4, 2, 128, 96, 2
+HIDDEN, HEADS, KV_HEADS, FFN, VOCAB, LAYERS = 64, 4, 2, 128, 258, 2
 
 #: tensor (per layer) -> ggml type name
 LAYER_TYPES = {
@@ -39,6 +40,7 @@ def write_tiny_llama(path: str, tied: bool = True, seed: int = 0) -> dict:
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_dimension_count(HIDDEN // HEADS)
     w.add_vocab_size(VOCAB)
+    _add_tokenizer(w)
     types: dict[str, str] = {}
 
     def add(name: str, shape: tuple[int, ...], qtype: str, scale: float = 0.05) -> None:
@@ -73,3 +75,19 @@ def write_tiny_llama(path: str, tied: bool = True, seed: int = 0) -> dict:
     w.write_tensors_to_file()
     w.close()
     return types
+
+
+def _add_tokenizer(w) -> None:
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    symbols = list(bytes_to_unicode().values())  # byte-level BPE alphabet, 256 symbols
+    space_t = "\u0120t"  # "Ġt": a space followed by t
+    tokens = symbols + [space_t, "<|endoftext|>"]
+    assert len(tokens) == VOCAB
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * (VOCAB - 1) + [3])  # normal ..., control
+    w.add_token_merges(["\u0120 t"])
+    w.add_bos_token_id(VOCAB - 1)
+    w.add_eos_token_id(VOCAB - 1)

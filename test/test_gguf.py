@@ -120,7 +120,7 @@ def test_tiny_llama_weights_and_logits_match_transformers(tiny, caplog):
     for name, p in model.named_parameters():
         w = p.dequantize() if isinstance(p, torchq.AffineQuantizedTensor) else p
         assert torch.equal(w, hf_state[name]), name
-    ids = torch.randint(0, 96, (2, 19), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 258, (2, 19), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, tiny["hf"](ids).logits)
 
@@ -167,7 +167,7 @@ def test_tiny_llama_bfloat16_and_fp32_scales(tiny):
     model = load_gguf(tiny["path"], dtype=torch.bfloat16, scale_dtype=torch.float32)
     w = model.model.layers[1].self_attn.k_proj.weight
     assert w.dtype == torch.bfloat16 and w.scale.dtype == torch.float32
-    ids = torch.randint(0, 96, (1, 7), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 258, (1, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         out = model(ids).logits
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()

@@ -157,10 +157,9 @@ def _quantize(model, args):
 
 
 def cmd_quantize(args) -> int:
-    from .model_io import model_size_bytes, save_quantized
+    from .model_io import is_gguf_source, model_size_bytes, save_quantized
 
-    is_gguf = args.source.endswith(".gguf")
-    if args.scheme is None and not is_gguf:
+    if args.scheme is None and not is_gguf_source(args.source):
         raise SystemExit("torchq quantize: --scheme is required for a transformers model directory "
                          f"(valid schemes: {', '.join(SCHEME_NAMES)})")
     config_from_scheme(args.scheme, args.group_size) if args.scheme else None  # fail before loading

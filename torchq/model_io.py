@@ -30,7 +30,7 @@ from torch import nn
 from .serialization import load_file, save_file
 from .tensors.base import TorchqTensor
 
-__all__ = ["LoadedModel", "load_model", "save_quantized", "model_size_bytes", "is_torchq_dir"]
+__all__ = ["LoadedModel", "load_model", "save_quantized", "model_size_bytes", "is_torchq_dir", "is_gguf_source"]
 
 WEIGHTS_NAME = "model.safetensors"
 MARKER = "torchq"
@@ -44,6 +44,11 @@ class LoadedModel:
     kind: str  # gguf | torchq | transformers
     report: Optional[object] = None  # GGUFImportReport for GGUF sources
     extra: dict = field(default_factory=dict)
+
+
+def is_gguf_source(source: str) -> bool:
+    """A ``.gguf`` path that is not a directory (a missing file then gets the GGUF loader's error)."""
+    return os.fspath(source).endswith(".gguf") and not os.path.isdir(source)
 
 
 def is_torchq_dir(path: str) -> bool:
@@ -63,7 +68,7 @@ def load_model(
     ``gguf_file`` may pass an already parsed :class:`torchq.interop.gguf.GGUFFile`.
     """
     source = os.fspath(source)
-    if source.endswith(".gguf") or gguf_file is not None:
+    if gguf_file is not None or is_gguf_source(source):
         from .interop.gguf import GGUFFile
 
         f = gguf_file or GGUFFile(source)
