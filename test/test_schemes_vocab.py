@@ -31,7 +31,7 @@ def test_codebook_names_build_their_configs():
     assert config_from_scheme("fp4_e2m1") == torchq.fp4_weight_only(variant="e2m1")
     assert config_from_scheme("fp4_e2m1_bnb", group_size=32) == torchq.fp4_weight_only(variant="bnb", block_size=32)
     assert config_from_scheme("nf4", double_quant=True) == torchq.nf4_weight_only(double_quant=True)
-    assert scheme_names() == ["fp4_e2m1", "fp4_e2m1_bnb", "int4", "int8", "nf4", "w4a8", "w8a8"]
+    assert scheme_names() == ["int8", "int4", "w8a8", "w4a8", "nf4", "fp4_e2m1", "fp4_e2m1_bnb"]
 
 
 def test_bad_options_are_named():

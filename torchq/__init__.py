@@ -59,6 +59,17 @@ def __getattr__(name: str):
         return TorchqConfig
     raise AttributeError(f"module 'torchq' has no attribute {name!r}")
 
+
+def load_gguf(path, **kwargs):
+    """A GGUF file as a transformers causal LM with torchq weights (see :mod:`torchq.interop.gguf`).
+
+    Imported lazily: ``import torchq`` does not need ``gguf`` / ``accelerate``.
+    """
+    from .interop.gguf import load_gguf as _load_gguf
+
+    return _load_gguf(path, **kwargs)
+
+
 __all__ = [
     "quantize_",
     "QuantizationReport",
@@ -66,6 +77,7 @@ __all__ = [
     "explain",
     "save_file",
     "load_file",
+    "load_gguf",
     "AffineQuantizedTensor",
     "Codebook4Tensor",
     "TorchqTensor",

@@ -60,8 +60,8 @@ def register_scheme(
 
 
 def scheme_names() -> list[str]:
-    """Registered names, sorted (what ``--help`` and error messages list)."""
-    return sorted(_SCHEMES)
+    """Registered names in registration order (what ``--help``, the demo and error messages list)."""
+    return list(_SCHEMES)
 
 
 def scheme_entries() -> list[SchemeEntry]:

@@ -1,0 +1,177 @@
+"""GGUF import: block decoding, rotary row order and a whole tiny llama vs transformers' loader."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+gguf = pytest.importorskip("gguf")
+
+import torchq  # noqa: E402
+from torchq.interop.gguf import (  # noqa: E402
+    BLOCK_FORMATS,
+    GGUFFile,
+    _quantized_weight,
+    gguf_to_hf_names,
+    load_gguf,
+    rotary_row_permutation,
+)
+
+from gguf_fixtures import LAYER_TYPES, LAYERS, write_tiny_llama  # noqa: E402
+
+
+def _naive_codes(raw: np.ndarray, ggml_name: str, k: int) -> np.ndarray:
+    """Signed codes in element order, straight from the GGUF block description."""
+    fmt = BLOCK_FORMATS[ggml_name]
+    blocks = raw.reshape(raw.shape[0], k // 32, fmt.block_bytes)
+    if ggml_name == "Q8_0":
+        return blocks[..., 2:].view(np.int8).reshape(raw.shape[0], k).astype(np.int16)
+    qs = blocks[..., 2:18] if ggml_name == "Q4_0" else blocks[..., 4:20]
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(raw.shape[0], k).astype(np.int16)
+    return codes - 8 if ggml_name == "Q4_0" else codes
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    ggml_name=st.sampled_from(sorted(BLOCK_FORMATS)),
+    n=st.integers(1, 9),
+    blocks=st.integers(1, 5),
+    seed=st.integers(0, 2**16),
+    scale_dtype=st.sampled_from([torch.float16, torch.float32]),
+)
+def test_block_import_is_lossless(ggml_name, n, blocks, seed, scale_dtype):
+    """Codes equal the file's, and dequantize() equals gguf-py's own dequantization bit for bit."""
+    k = 32 * blocks
+    rng = np.random.default_rng(seed)
+    data = (rng.standard_normal((n, k)) * rng.uniform(0.01, 3)).astype(np.float32)
+    data[0, :32] = 0.0  # an all-zero block (d = 0)
+    qtype = gguf.GGMLQuantizationType[ggml_name]
+    raw = gguf.quants.quantize(data, qtype)
+    w = _quantized_weight(raw, ggml_name, k, torch.float32, scale_dtype, None)
+    assert isinstance(w, torchq.AffineQuantizedTensor) and tuple(w.shape) == (n, k) and w.group_size == 32
+    assert w.scale.dtype == scale_dtype
+    assert torch.equal(w.codes().to(torch.int16), torch.from_numpy(_naive_codes(raw, ggml_name, k)))
+    expected = torch.from_numpy(gguf.quants.dequantize(raw, qtype).reshape(n, k))
+    assert torch.equal(w.dequantize(), expected)
+
+
+def test_q8_0_full_int8_range_is_kept():
+    raw = gguf.quants.quantize(np.ones((1, 32), np.float32), gguf.GGMLQuantizationType.Q8_0)
+    raw[0, 2] = 0x80  # code -128, which llama.cpp never writes but the format allows
+    w = _quantized_weight(raw, "Q8_0", 32, torch.float32, torch.float16, None)
+    assert w.quant_min == -128 and int(w.codes()[0, 0]) == -128
+
+
+def test_rows_are_permuted_whole():
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((8, 64)).astype(np.float32)
+    raw = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q4_1)
+    rows = rotary_row_permutation(8, 2)
+    w = _quantized_weight(raw, "Q4_1", 64, torch.float32, torch.float16, rows)
+    full = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_1).reshape(8, 64)
+    assert torch.equal(w.dequantize(), torch.from_numpy(full[rows]))
+
+
+@pytest.mark.parametrize("n_rows,n_head", [(576, 9), (192, 3), (64, 4), (32, 2)])
+def test_rotary_row_permutation_matches_transformers(n_rows, n_head):
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    proc = LlamaTensorProcessor(config={"num_attention_heads": n_head, "num_key_value_heads": n_head})
+    rows = np.arange(n_rows, dtype=np.float32)[:, None]
+    expected = proc._reverse_permute_weights(rows, n_head, n_head)[:, 0].astype(np.int64)
+    assert np.array_equal(rotary_row_permutation(n_rows, n_head), expected)
+
+
+def test_bad_block_bytes_is_a_clear_error():
+    with pytest.raises(ValueError, match="Q4_1 rows of 64 weights take 40 bytes, got 39"):
+        _quantized_weight(np.zeros((2, 39), np.uint8), "Q4_1", 64, torch.float32, torch.float16, None)
+    raw = np.zeros((2, 40), np.uint8)
+    with pytest.raises(ValueError, match="scale_dtype"):
+        _quantized_weight(raw, "Q4_1", 64, torch.float32, torch.bfloat16, None)
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no GGUF file"):
+        load_gguf(str(tmp_path / "nope.gguf"))
+
+
+# ---------------------------------------------------------------------- a whole tiny llama
+@pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
+def tiny(request, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    path = str(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+    types = write_tiny_llama(path, tied=request.param)
+    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    hf.eval()
+    return dict(path=path, types=types, hf=hf, tied=request.param)
+
+
+def test_tiny_llama_weights_and_logits_match_transformers(tiny, caplog):
+    with caplog.at_level(logging.WARNING, logger="torchq"):
+        model, report = load_gguf(tiny["path"], return_report=True)
+    hf_state = tiny["hf"].state_dict()
+    for name, p in model.named_parameters():
+        w = p.dequantize() if isinstance(p, torchq.AffineQuantizedTensor) else p
+        assert torch.equal(w, hf_state[name]), name
+    ids = torch.randint(0, 258, (2, 19), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, tiny["hf"](ids).logits)
+
+    # every mapped block type became a torchq weight; Q5_0 was dequantized, said so, and logged
+    layer = model.model.layers[0]
+    assert layer.self_attn.q_proj.weight.quant_min == -8  # Q4_0: symmetric [-8, 7]
+    assert layer.self_attn.k_proj.weight.zero_point_domain == "float"  # Q4_1
+    assert layer.self_attn.v_proj.weight.scheme == "int8_weight_only"  # Q8_0
+    assert not isinstance(layer.mlp.down_proj.weight, torchq.AffineQuantizedTensor)  # Q5_0
+    assert report.count("Q5_0", "dequantized") == LAYERS
+    assert report.count("Q4_0", "quantized") == 2 * LAYERS
+    assert report.count("F32", "float") == 2 * LAYERS + 1
+    assert sum("dequantized blk." in r.message and "Q5_0" in r.message for r in caplog.records) == LAYERS
+    assert "dequantized: blk.0.ffn_down.weight (Q5_0)" in str(report)
+    emb = model.model.embed_tokens.weight
+    assert isinstance(emb, torchq.AffineQuantizedTensor)
+    if tiny["tied"]:
+        assert model.lm_head.weight is emb
+        assert report.tied == [("lm_head.weight", "model.embed_tokens.weight")]
+        assert "lm_head.weight tied to model.embed_tokens.weight" in report.summary()
+    else:
+        assert model.lm_head.weight is not emb and report.tied == []
+        assert model.lm_head.weight.zero_point_domain == "float"
+
+
+def test_tiny_llama_float_load_matches_transformers(tiny):
+    model, report = GGUFFile(tiny["path"]).model(keep_quantized=False)
+    assert not any(isinstance(p, torchq.AffineQuantizedTensor) for p in model.parameters())
+    hf_state = tiny["hf"].state_dict()
+    for name, p in model.named_parameters():
+        assert torch.equal(p, hf_state[name]), name
+    assert report.count(action="quantized") == 0
+
+
+def test_tiny_llama_name_map_matches_transformers(tiny):
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor, get_gguf_hf_weights_map
+
+    hf = tiny["hf"]
+    expected = get_gguf_hf_weights_map(hf, LlamaTensorProcessor(config=hf.config.to_dict()))
+    assert gguf_to_hf_names(hf, "llama", hf.config.num_hidden_layers) == expected
+
+
+def test_tiny_llama_bfloat16_and_fp32_scales(tiny):
+    model = load_gguf(tiny["path"], dtype=torch.bfloat16, scale_dtype=torch.float32)
+    w = model.model.layers[1].self_attn.k_proj.weight
+    assert w.dtype == torch.bfloat16 and w.scale.dtype == torch.float32
+    ids = torch.randint(0, 258, (1, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model(ids).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def test_layer_types_cover_every_mapped_format():
+    assert set(BLOCK_FORMATS) <= set(LAYER_TYPES.values())

@@ -1,0 +1,171 @@
+"""Speed and memory of a causal LM: prefill and decode tokens/s, peak RSS, size on disk.
+
+* prefill: one forward over the prompt that fills the KV cache and returns only the last
+  position's logits (what ``generate`` does); best of ``repeats`` runs after a warm-up.
+* decode: greedy, one token per forward with the KV cache, ``new_tokens`` steps (or fewer
+  when ``max_decode_seconds`` runs out, so slow reference kernels do not stall a demo);
+  tokens/s over the steps run after one warm-up step. The greedy continuation is returned
+  as a text sample.
+* peak RSS: the process's resident-set high-water mark during the benchmark (Linux
+  ``VmHWM``, reset first through ``/proc/self/clear_refs``; elsewhere the lifetime peak).
+* ``compile=True`` runs the same loops through ``torch.compile(model.forward)``; the first
+  calls' time is reported as compile time.
+
+On a shared host only ratios measured in the same run mean anything.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .model_io import model_size_bytes
+
+__all__ = ["BenchResult", "bench", "peak_rss_mb", "reset_peak_rss", "linear_dispatch_overhead"]
+
+
+@dataclass
+class BenchResult:
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    prompt_tokens: int
+    new_tokens: int  # decode steps timed
+    size_mb: float
+    peak_rss_mb: float
+    compiled: bool
+    compile_seconds: Optional[float]
+    sample: str
+
+    def __str__(self) -> str:
+        comp = f", compile {self.compile_seconds:.1f} s" if self.compiled else ""
+        return (
+            f"prefill {self.prefill_tokens_per_s:.1f} tok/s ({self.prompt_tokens} tokens), decode "
+            f"{self.decode_tokens_per_s:.2f} tok/s ({self.new_tokens} tokens), size {self.size_mb:.1f} MB, "
+            f"peak RSS {self.peak_rss_mb:.0f} MB{comp}"
+        )
+
+
+def reset_peak_rss() -> bool:
+    """Reset the RSS high-water mark (Linux >= 4.0); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+def _step(forward, ids, cache):
+    out = forward(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+
+
+def bench(
+    model: nn.Module,
+    tokenizer,
+    prompt: str,
+    *,
+    prompt_tokens: Optional[int] = None,
+    new_tokens: int = 32,
+    repeats: int = 2,
+    max_decode_seconds: Optional[float] = None,
+    compile: bool = False,
+) -> BenchResult:
+    """Benchmark ``model`` on ``prompt`` (truncated or repeated to ``prompt_tokens`` tokens)."""
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    if prompt_tokens is not None:
+        reps = -(-prompt_tokens // ids.shape[1])
+        ids = ids.repeat(1, reps)[:, :prompt_tokens]
+    forward = torch.compile(model.forward) if compile else model.forward
+    reset_peak_rss()
+    compile_seconds = None
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        cache, nxt = _step(forward, ids, None)  # warm-up (and compile) of prefill
+        first = time.perf_counter() - t0
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            cache, nxt = _step(forward, ids, None)
+            best = min(best, time.perf_counter() - t0)
+        generated = [int(nxt)]
+        t0 = time.perf_counter()
+        cache, nxt = _step(forward, nxt, cache)  # warm-up (and compile) of decode
+        first_decode = time.perf_counter() - t0
+        generated.append(int(nxt))
+        steps, start = 0, time.perf_counter()
+        while steps < new_tokens - 1:
+            cache, nxt = _step(forward, nxt, cache)
+            generated.append(int(nxt))
+            steps += 1
+            if max_decode_seconds is not None and time.perf_counter() - start > max_decode_seconds:
+                break
+        decode_time = time.perf_counter() - start
+    if compile:
+        compile_seconds = first + first_decode
+    return BenchResult(
+        prefill_tokens_per_s=ids.shape[1] / best,
+        decode_tokens_per_s=steps / decode_time if steps else float("nan"),
+        prompt_tokens=ids.shape[1],
+        new_tokens=steps,
+        size_mb=model_size_bytes(model) / 2**20,
+        peak_rss_mb=peak_rss_mb(),
+        compiled=compile,
+        compile_seconds=compile_seconds,
+        sample=tokenizer.decode(generated, skip_special_tokens=True),
+    )
+
+
+def linear_dispatch_overhead(weight: torch.Tensor, iters: int = 2000) -> dict[str, float]:
+    """Microseconds per call of the layers around a quantized linear, at M=1.
+
+    * ``dispatch``: ``F.linear`` on the quantized weight with a kernel that does nothing
+      (``__torch_function__``, op-table lookup, checks, ``get_kernel``): pure overhead;
+    * ``kernel``: the weight's own kernel called directly;
+    * ``total``: ``F.linear`` on the weight (dispatch + kernel);
+    * ``dense``: ``F.linear`` on the dequantized float weight, for scale.
+    """
+    from .kernels.registry import LinearKernel, register_kernel, get_kernel
+
+    n, k = weight.shape
+    x = torch.randn(1, k, dtype=weight.dtype)
+    out = torch.empty(1, n, dtype=weight.dtype)
+    register_kernel(LinearKernel("bench.noop", "__dispatch_probe__", weight.quant_layout, lambda x_, w_, b_: out))
+    probe = weight._rebuild(kernel="bench.noop")
+    dense = weight.dequantize()
+    kernel = get_kernel(weight.kernel).linear
+
+    def timed(fn) -> float:
+        for _ in range(min(20, iters)):
+            fn()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - t0) / iters * 1e6
+
+    with torch.inference_mode():
+        return {
+            "dispatch": timed(lambda: F.linear(x, probe)),
+            "kernel": timed(lambda: kernel(x, weight, None)),
+            "total": timed(lambda: F.linear(x, weight)),
+            "dense": timed(lambda: F.linear(x, dense)),
+        }
