@@ -304,6 +304,11 @@ def test_layouts_round_trip_bit_exact(n, groups, group, data):
         back = layout.to_canonical(packed)
         for key, v in fields.items():
             assert (v is None and back[key] is None) or torch.equal(back[key], v), (layout.name, key)
+        index = torch.randint(0, n, (7,))
+        rows = layout.canonical_rows(packed, index)  # embedding lookups gather rows only
+        for key in ("qdata", "scale", "zero_point"):
+            v = fields[key]
+            assert (v is None and rows[key] is None) or torch.equal(rows[key], v[index]), (layout.name, key)
 
 
 def test_checkpoints_hold_the_canonical_layout(tmp_path):

@@ -33,35 +33,46 @@ TILE = 16
 Fields = dict[str, Optional[torch.Tensor]]
 
 
-def _tile(a: torch.Tensor, inner: Callable[[torch.Tensor], torch.Tensor], shape=None) -> torch.Tensor:
-    """Apply ``inner`` to ``a`` (N, ...) viewed as tiles (T, rows, ...) - the full tiles,
-    then the partial tail - and return the results flattened into ``shape`` (default
-    ``a.shape``)."""
+_CHUNK_TILES = 64  # tiles converted per step: bounds the temporaries of big weights
+
+
+def _tile(a: torch.Tensor, inner: Callable[[torch.Tensor], torch.Tensor], shape=None, dtype=None) -> torch.Tensor:
+    """Apply ``inner`` to ``a`` (N, ...) viewed as tiles (T, rows, ...) - the full tiles in
+    steps of ``_CHUNK_TILES``, then the partial tail - writing the flattened results
+    one after another into a new tensor of ``shape`` (default ``a.shape``)."""
     n = a.shape[0]
     full = n // TILE * TILE
-    parts = []
-    if full:
-        parts.append(inner(a[:full].reshape(full // TILE, TILE, *a.shape[1:])).reshape(-1))
+    out = torch.empty(a.shape if shape is None else shape, dtype=dtype or a.dtype, device=a.device)
+    flat = out.view(-1)
+    pos = 0
+    for r0 in range(0, full, TILE * _CHUNK_TILES):
+        r1 = min(full, r0 + TILE * _CHUNK_TILES)
+        piece = inner(a[r0:r1].reshape((r1 - r0) // TILE, TILE, *a.shape[1:])).reshape(-1)
+        flat[pos : pos + piece.numel()] = piece
+        pos += piece.numel()
     if n > full:
-        parts.append(inner(a[full:].unsqueeze(0)).reshape(-1))
-    return torch.cat(parts).reshape(a.shape if shape is None else shape)
+        piece = inner(a[full:].unsqueeze(0)).reshape(-1)
+        flat[pos : pos + piece.numel()] = piece
+    return out
 
 
-def _untile(flat: torch.Tensor, inner: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+def _untile(flat: torch.Tensor, inner: Callable[[torch.Tensor, int], torch.Tensor], shape=None) -> torch.Tensor:
     """Inverse of :func:`_tile` for a tiled tensor ``flat`` (N, per_row):
     ``inner(block (T, rows * per_row), rows)`` returns the tiles' rows (T, rows, ...) in
-    canonical order; the result is (N, ...)."""
+    canonical order; the result has ``shape`` (default ``flat.shape``)."""
     n, per_row = flat.shape[0], flat.shape[1]
     full = n // TILE * TILE
     data = flat.reshape(-1)
-    parts = []
-    if full:
-        b = inner(data[: full * per_row].reshape(full // TILE, TILE * per_row), TILE)
-        parts.append(b.reshape(full, *b.shape[2:]))
-    if n > full:
-        b = inner(data[full * per_row :].reshape(1, -1), n - full)
-        parts.append(b.reshape(n - full, *b.shape[2:]))
-    return torch.cat(parts)
+    out = None
+    for r0 in list(range(0, full, TILE * _CHUNK_TILES)) + ([full] if n > full else []):
+        r1 = min(full, r0 + TILE * _CHUNK_TILES) if r0 < full else n
+        block = data[r0 * per_row : r1 * per_row]
+        b = inner(block.reshape((r1 - r0) // TILE, -1), TILE) if r0 < full else inner(block.reshape(1, -1), n - full)
+        b = b.reshape(r1 - r0, *b.shape[2:])
+        if out is None:
+            out = torch.empty((n, *b.shape[1:]) if shape is None else shape, dtype=b.dtype, device=b.device)
+        out[r0:r1] = b
+    return out
 
 
 # ---------------------------------------------------------------------- parameters
@@ -88,16 +99,18 @@ def _with_params(fields: Fields, fn) -> Fields:
 # ---------------------------------------------------------------------- int4
 def _int4_to(fields: Fields) -> Fields:
     q = fields["qdata"]
-    codes = unpack_int4(q)  # (N, Kp)
-    kp = codes.shape[1]
+    chunks = q.shape[1] // 4  # canonical bytes 4c..4c+3 hold codes 8c..8c+7, low nibble first
 
-    def inner(b: torch.Tensor) -> torch.Tensor:  # (T, rows, Kp) codes -> (T, C, rows, 4) bytes
+    def inner(b: torch.Tensor) -> torch.Tensor:  # (T, rows, Kp/2) canonical -> (T, C, rows, 4) tiled
         t, rows = b.shape[:2]
-        x = b.reshape(t, rows, kp // 8, 2, 4).permute(0, 2, 1, 4, 3)
-        return x[..., 0] | (x[..., 1] << 4)
+        x = b.reshape(t, rows, chunks, 4).transpose(1, 2)  # (T, C, rows, 4)
+        b0, b1, b2, b3 = x.unbind(-1)
+        lo = torch.stack((b0 & 0x0F, b0 >> 4, b1 & 0x0F, b1 >> 4), dim=-1)  # codes 8c+0..3
+        hi = torch.stack((b2 << 4, b2 & 0xF0, b3 << 4, b3 & 0xF0), dim=-1)  # codes 8c+4..7, shifted up
+        return lo | hi
 
     out = _with_params(fields, _params_to)
-    out["qdata"] = _tile(codes, inner, q.shape)
+    out["qdata"] = _tile(q.contiguous(), inner)
     return out
 
 
@@ -180,6 +193,63 @@ def _k4_from(fields: Fields) -> Fields:
     return out
 
 
+# ---------------------------------------------------------------------- row gathers (embedding lookups)
+def _row_bases(n: int, index: torch.Tensor, row_elems: int):
+    """Per looked-up row: (start of its tile in elements, row within the tile, rows in the tile)."""
+    t = index // TILE
+    r = index % TILE
+    full = n // TILE
+    rows = torch.where(t < full, torch.full_like(t, TILE), torch.full_like(t, n - full * TILE))
+    return t * TILE * row_elems, r, rows
+
+
+def _gather_params(p: Optional[torch.Tensor], index: torch.Tensor) -> Optional[torch.Tensor]:
+    if p is None:
+        return None
+    n, groups = p.shape
+    base, r, rows = _row_bases(n, index, groups)
+    g = torch.arange(groups, device=p.device)
+    return p.reshape(-1)[(base + r)[:, None] + g[None, :] * rows[:, None]]
+
+
+def _int4_rows(fields: Fields, index: torch.Tensor) -> Fields:
+    q = fields["qdata"]
+    n, half = q.shape
+    chunks = half // 4
+    base, r, rows = _row_bases(n, index, half)
+    c = torch.arange(chunks, device=q.device)
+    lane = (base + r * 4)[:, None] + c[None, :] * (rows * 4)[:, None]  # (I, C): start of each 4-byte lane
+    t0, t1, t2, t3 = (q.reshape(-1)[lane + j] for j in range(4))  # tiled bytes: low k=8c+j, high k=8c+4+j
+    canon = torch.stack(
+        ((t0 & 0x0F) | (t1 << 4), (t2 & 0x0F) | (t3 << 4), (t0 >> 4) | (t1 & 0xF0), (t2 >> 4) | (t3 & 0xF0)), dim=-1
+    )
+    return dict(qdata=canon.reshape(len(index), half), scale=_gather_params(fields["scale"], index),
+                zero_point=_gather_params(fields.get("zero_point"), index))
+
+
+def _k16_rows(fields: Fields, index: torch.Tensor) -> Fields:
+    q = fields["qdata"]
+    n, kp = q.shape
+    base, r, rows = _row_bases(n, index, kp)
+    k = torch.arange(kp, device=q.device)
+    codes = q.reshape(-1)[(base + r)[:, None] + k[None, :] * rows[:, None]]
+    return dict(qdata=codes, scale=_gather_params(fields["scale"], index),
+                zero_point=_gather_params(fields.get("zero_point"), index))
+
+
+def _k4_rows(fields: Fields, index: torch.Tensor) -> Fields:
+    q = fields["qdata"]
+    n, kp = q.shape
+    k4 = kp // 4 * 4
+    base, r, rows = _row_bases(n, index, kp)
+    k = torch.arange(kp, device=q.device)
+    main = (k // 4)[None, :] * (rows * 4)[:, None] + (r * 4)[:, None] + (k % 4)[None, :]
+    tail = (k4 * rows)[:, None] + (r * (kp - k4))[:, None] + (k - k4)[None, :]
+    off = torch.where(k[None, :] < k4, main, tail)
+    return dict(qdata=q.reshape(-1)[base[:, None] + off], scale=_gather_params(fields["scale"], index),
+                zero_point=_gather_params(fields.get("zero_point"), index))
+
+
 INT4_TILE16 = register_layout(
     Layout(
         "cpu_int4_tile16",
@@ -187,6 +257,7 @@ INT4_TILE16 = register_layout(
         "int4 codes tiled by 16 rows, [K/8][16][4 bytes] per tile; params [groups][16] per tile (C++ CPU kernels)",
         _int4_to,
         _int4_from,
+        _int4_rows,
     )
 )
 INT8_K16 = register_layout(
@@ -196,6 +267,7 @@ INT8_K16 = register_layout(
         "int8 codes tiled by 16 rows, [K][16] per tile; params [groups][16] per tile (C++ CPU kernels)",
         _k16_to,
         _k16_from,
+        _k16_rows,
     )
 )
 INT8_K4X16 = register_layout(
@@ -205,5 +277,6 @@ INT8_K4X16 = register_layout(
         "int8 codes tiled by 16 rows, [K/4][16][4] + [16][K%4] per tile (C++ CPU W8A8 kernel)",
         _k4_to,
         _k4_from,
+        _k4_rows,
     )
 )

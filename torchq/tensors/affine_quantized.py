@@ -360,13 +360,13 @@ def embedding_lookup(indices: torch.Tensor, weight: AffineQuantizedTensor) -> to
     """Rows ``weight[indices]`` dequantized to ``weight.dtype`` (only the rows looked up)."""
     if weight.perm is not None or weight.act_scale is not None:
         raise NotImplementedError("embedding lookup of a weight with perm/act_scale is not supported")
-    c = weight.canonical_tensors()
     flat = indices.reshape(-1)
-    rows = c["qdata"].index_select(0, flat)
-    codes = codes_from_canonical(get_layout(weight.quant_layout).canonical, rows, weight.quant_min)
-    zero = c["zero_point"].index_select(0, flat) if c["zero_point"] is not None else None
+    layout = get_layout(weight.quant_layout)
+    fields = {n: getattr(weight, n) for n in _TENSOR_FIELDS + _OPTIONAL_FIELDS}
+    c = layout.canonical_rows(fields, flat)  # only the rows looked up
+    codes = codes_from_canonical(layout.canonical, c["qdata"], weight.quant_min)
     vals = dequantize_affine(
-        codes, (1, weight.group_size), c["scale"].index_select(0, flat), zero, weight.zero_point_domain, weight.dtype
+        codes, (1, weight.group_size), c["scale"], c["zero_point"], weight.zero_point_domain, weight.dtype
     )
     return vals[:, : weight.shape[1]].reshape(*indices.shape, weight.shape[1])
 
