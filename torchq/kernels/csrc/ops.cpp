@@ -47,7 +47,14 @@ int64_t detect_supported() {
   return mask;
 }
 
+bool detect_bf16() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+  return a & (1u << 5);  // AVX512_BF16 (vdpbf16ps)
+}
+
 const int64_t kSupported = detect_supported();
+const bool kNativeBf16 = (kSupported & (1 << ISA_AVX512)) && detect_bf16();
 std::atomic<int64_t> g_isa{(kSupported & (1 << ISA_AVX512)) ? ISA_AVX512
                            : (kSupported & (1 << ISA_AVX2)) ? ISA_AVX2
                                                             : ISA_SCALAR};
@@ -61,10 +68,18 @@ const KernelTable* table() {
 }
 
 // Tunables (M thresholds of the dequantize + GEMM paths); -1 restores the default.
+// bf16_min_m: from this M, weight-only kernels of weights with numerics "auto" run the
+// bf16 GEMM (activations and dequantized weights rounded to bf16, fp32 accumulate). It is
+// 32 on CPUs with AVX512-BF16 (where it is faster) and off elsewhere (no speed gain
+// without a bf16 dot product); tests switch it on to check the path on every ISA.
+constexpr int64_t kNever = INT64_MAX;
+const int64_t kBf16MinMDefault = kNativeBf16 ? 32 : kNever;
 std::atomic<int64_t> g_int4_gemm_min_m{8};
 std::atomic<int64_t> g_int8_gemm_min_m{8};
+std::atomic<int64_t> g_bf16_min_m{kBf16MinMDefault};
 
 int64_t supported_isas() { return kSupported; }
+bool native_bf16() { return kNativeBf16; }
 
 // How many distinct threads at::parallel_for used for `n` items: 1 for an extension
 // built without OpenMP, whatever torch.set_num_threads allows otherwise (tests).
@@ -93,8 +108,11 @@ int64_t tune(std::string name, int64_t value) {
   } else if (name == "int8_gemm_min_m") {
     p = &g_int8_gemm_min_m;
     dflt = 8;
+  } else if (name == "bf16_min_m") {
+    p = &g_bf16_min_m;
+    dflt = kBf16MinMDefault;
   }
-  TORCH_CHECK(p, "torchq: unknown tunable '", name, "' (known: int4_gemm_min_m, int8_gemm_min_m)");
+  TORCH_CHECK(p, "torchq: unknown tunable '", name, "' (known: int4_gemm_min_m, int8_gemm_min_m, bf16_min_m)");
   return p->exchange(value < 0 ? dflt : value);
 }
 
@@ -311,7 +329,7 @@ int64_t call_work(const QWeight& q, int64_t M, bool int4) {
 
 at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
                               const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& bias,
-                              int64_t group, int64_t qmin, bool int4) {
+                              int64_t group, int64_t qmin, bool int4, bool exact) {
   const int32_t xdt = float_dt(x, "activations");
   at::Tensor x2 = rows_of(x);
   const int64_t M = x2.size(0), K = x2.size(1);
@@ -322,7 +340,10 @@ at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qdata, cons
   at::Tensor b = bias_f32(bias, q.N);
   Out o = make_out(y, b, q.N);
   const KernelTable* kt = table();
-  const bool gemm = M >= (int4 ? g_int4_gemm_min_m : g_int8_gemm_min_m).load();
+  const bool bf16 = !exact && M >= g_bf16_min_m.load();
+  const bool gemm = bf16 || M >= (int4 ? g_int4_gemm_min_m : g_int8_gemm_min_m).load();
+  TORCH_CHECK(!bf16 || g_isa.load() != ISA_AVX512 || kNativeBf16,
+              "torchq: the bf16 GEMM path needs AVX512-BF16 on the avx512 ISA path; this CPU lacks it");
   Acts a{};
   a.M = M;
   const bool need_sum = int4 || q.zero_kind != ZK_NONE || q.qmin != 0;
@@ -345,6 +366,11 @@ at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qdata, cons
     a.x = xp;
     a.ldx = q.Kp;
     a.xsum = xsum;
+  } else if (bf16) {
+    a.ldb = (K + 1) / 2 * 2;
+    uint16_t* xb = (uint16_t*)tl_prep.get(sizeof(uint16_t) * M * a.ldb);
+    kt->prep_bf16(x2.data_ptr(), xdt, M, K, x2.stride(0), a.ldb, xb);
+    a.xbf = xb;
   } else if (xdt == DT_F32 && (M == 1 || x2.stride(0) >= K)) {
     a.x = x2.data_ptr<float>();
     a.ldx = M == 1 ? K : x2.stride(0);
@@ -364,20 +390,21 @@ at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qdata, cons
   over_tiles(q.N, call_work(q, M, int4), [&](int64_t t0, int64_t t1) {
     Scratch s{nullptr, 0};
     if (gemm) s = Scratch{(float*)tl_gemm.get(sizeof(float) * gemm_scratch_floats()), gemm_scratch_floats()};
-    wo(q, a, o, t0, t1, gemm ? 1 : 0, s);
+    wo(q, a, o, t0, t1, bf16 ? 2 : gemm ? 1 : 0, s);
   });
   return y;
 }
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
                        const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& bias, int64_t group,
-                       int64_t qmin) {
-  return weight_only_linear(x, qdata, scale, zero, bias, group, qmin, true);
+                       int64_t qmin, bool exact) {
+  return weight_only_linear(x, qdata, scale, zero, bias, group, qmin, true, exact);
 }
 
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
-                       const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& bias, int64_t group) {
-  return weight_only_linear(x, qdata, scale, zero, bias, group, 0, false);
+                       const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& bias, int64_t group,
+                       bool exact) {
+  return weight_only_linear(x, qdata, scale, zero, bias, group, 0, false, exact);
 }
 
 // ------------------------------------------------------------------ dynamic int8 ops
@@ -490,8 +517,9 @@ at::Tensor w8a8_int_acc(const at::Tensor& x, const at::Tensor& qdata, const at::
 
 TORCH_LIBRARY(torchq, m) {
   m.def("int4_linear(Tensor x, Tensor qdata, Tensor scale, Tensor? zero_point, Tensor? bias, int group_size, "
-        "int quant_min) -> Tensor");
-  m.def("int8_linear(Tensor x, Tensor qdata, Tensor scale, Tensor? zero_point, Tensor? bias, int group_size) -> Tensor");
+        "int quant_min, bool exact=False) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor qdata, Tensor scale, Tensor? zero_point, Tensor? bias, int group_size, "
+        "bool exact=False) -> Tensor");
   m.def("w4a8_linear(Tensor x, Tensor qdata, Tensor scale, Tensor? zero_point, Tensor? bias, int group_size, "
         "int quant_min) -> Tensor");
   m.def("w8a8_linear(Tensor x, Tensor qdata, Tensor scale, Tensor? bias) -> Tensor");
@@ -499,6 +527,7 @@ TORCH_LIBRARY(torchq, m) {
   m.def("w8a8_int_acc(Tensor x, Tensor qdata, Tensor scale) -> Tensor");
   m.def("quantize_per_token_int8(Tensor x) -> (Tensor, Tensor)");
   m.def("_supported_isas() -> int", &supported_isas);
+  m.def("_native_bf16() -> bool", &native_bf16);
   m.def("_get_isa() -> int", &get_isa);
   m.def("_set_isa(int isa) -> ()", &set_isa);
   m.def("_tune(str name, int value) -> int", &tune);
