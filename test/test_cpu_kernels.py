@@ -187,9 +187,9 @@ def test_int4_weight_only_matches_reference(m, n, groups, group, cut, kind, dtyp
     data=st.data(),
 )
 def test_bf16_gemm_path_matches_a_reference_that_rounds_the_same_way(m, n, groups, cut, scheme, dtype, data):
-    """From bf16_min_m (32 on AVX512-BF16 CPUs, off elsewhere; forced here on every ISA
-    path that can run it) weights with numerics "auto" compute bf16(x) @ bf16(W)^T in fp32;
-    numerics "exact" (config exact_fp32=True) stays fp32."""
+    """From bf16_min_m rows (32; by default only on the avx512 path of AVX512-BF16 CPUs,
+    emulated here on every other ISA path) weights with numerics "auto" compute
+    bf16(x) @ bf16(W)^T in fp32; numerics "exact" (config exact_fp32=True) stays fp32."""
     k = max(1, groups * 32 - cut)
     torch.manual_seed(data.draw(st.integers(0, 2**16)))
     w = torch.randn(n, k)
@@ -206,11 +206,22 @@ def test_bf16_gemm_path_matches_a_reference_that_rounds_the_same_way(m, n, group
     rounded = x.bfloat16().double() @ w_deq.bfloat16().double().T + b.double()
     exact = x.double() @ w_deq.double().T + b.double()
     for isa in bf16_isas():
-        with cpu_ext.force_isa(isa), _tune("bf16_min_m", 1):
+        with cpu_ext.force_isa(isa), _tune("bf16_min_m", 1), _tune("bf16_emulate", 1):
             y = F.linear(x, auto, b)
             y_exact = F.linear(x, exact_w, b)
         _check_float_output(y, rounded, x.bfloat16().float(), w_deq.bfloat16().float(), b)
         _check_float_output(y_exact, exact, x, w_deq, b)
+
+
+def test_bf16_path_is_off_by_default_without_native_bf16():
+    """Without a native bf16 dot product the bf16 GEMM would only cost accuracy: fp32 stays."""
+    if ops._native_bf16() and cpu_ext.current_isa() == "avx512":
+        pytest.skip("this CPU runs the bf16 path natively by default")
+    torch.manual_seed(0)
+    t = quantized(torch.randn(24, 64), "int4_weight_only", 4, 32)
+    x = torch.randn(40, 64)
+    exact = x.double() @ t.dequantize(torch.float32).double().T
+    _check_float_output(F.linear(x, t), exact, x, t.dequantize(torch.float32), None)
 
 
 def test_numerics_option_round_trips_through_configs_and_checkpoints(tmp_path):

@@ -69,14 +69,24 @@ const KernelTable* table() {
 
 // Tunables (M thresholds of the dequantize + GEMM paths); -1 restores the default.
 // bf16_min_m: from this M, weight-only kernels of weights with numerics "auto" run the
-// bf16 GEMM (activations and dequantized weights rounded to bf16, fp32 accumulate). It is
-// 32 on CPUs with AVX512-BF16 (where it is faster) and off elsewhere (no speed gain
-// without a bf16 dot product); tests switch it on to check the path on every ISA.
-constexpr int64_t kNever = INT64_MAX;
-const int64_t kBf16MinMDefault = kNativeBf16 ? 32 : kNever;
+// bf16 GEMM (activations and dequantized weights rounded to bf16, fp32 accumulate) - on
+// the avx512 path of CPUs with AVX512-BF16 only, where it is faster. Elsewhere there is no
+// bf16 dot product to gain from; bf16_emulate=1 runs the same arithmetic there (tests).
+constexpr int64_t kBf16MinMDefault = 32;
 std::atomic<int64_t> g_int4_gemm_min_m{8};
 std::atomic<int64_t> g_int8_gemm_min_m{8};
 std::atomic<int64_t> g_bf16_min_m{kBf16MinMDefault};
+std::atomic<int64_t> g_bf16_emulate{0};
+
+// Whether this call of a weight-only kernel runs the bf16 GEMM.
+bool use_bf16(bool exact, int64_t M) {
+  if (exact || M < g_bf16_min_m.load()) return false;
+  const bool avx512 = g_isa.load() == ISA_AVX512;
+  if (avx512 && kNativeBf16) return true;
+  if (!g_bf16_emulate.load()) return false;
+  TORCH_CHECK(!avx512, "torchq: the avx512 ISA path runs bf16 only natively (AVX512-BF16), which this CPU lacks");
+  return true;
+}
 
 int64_t supported_isas() { return kSupported; }
 bool native_bf16() { return kNativeBf16; }
@@ -111,8 +121,12 @@ int64_t tune(std::string name, int64_t value) {
   } else if (name == "bf16_min_m") {
     p = &g_bf16_min_m;
     dflt = kBf16MinMDefault;
+  } else if (name == "bf16_emulate") {
+    p = &g_bf16_emulate;
+    dflt = 0;
   }
-  TORCH_CHECK(p, "torchq: unknown tunable '", name, "' (known: int4_gemm_min_m, int8_gemm_min_m, bf16_min_m)");
+  TORCH_CHECK(p, "torchq: unknown tunable '", name,
+              "' (known: int4_gemm_min_m, int8_gemm_min_m, bf16_min_m, bf16_emulate)");
   return p->exchange(value < 0 ? dflt : value);
 }
 
@@ -340,10 +354,8 @@ at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qdata, cons
   at::Tensor b = bias_f32(bias, q.N);
   Out o = make_out(y, b, q.N);
   const KernelTable* kt = table();
-  const bool bf16 = !exact && M >= g_bf16_min_m.load();
+  const bool bf16 = use_bf16(exact, M);
   const bool gemm = bf16 || M >= (int4 ? g_int4_gemm_min_m : g_int8_gemm_min_m).load();
-  TORCH_CHECK(!bf16 || g_isa.load() != ISA_AVX512 || kNativeBf16,
-              "torchq: the bf16 GEMM path needs AVX512-BF16 on the avx512 ISA path; this CPU lacks it");
   Acts a{};
   a.M = M;
   const bool need_sum = int4 || q.zero_kind != ZK_NONE || q.qmin != 0;
