@@ -44,6 +44,23 @@ def gemm_paths():
     return [None, 1, 10**9]
 
 
+class _tune:
+    def __init__(self, name, value):
+        self.name, self.value = name, value
+
+    def __enter__(self):
+        self.old = ops._tune(self.name, self.value)
+
+    def __exit__(self, *exc):
+        ops._tune(self.name, self.old)
+
+
+def bf16_isas() -> list[str]:
+    """ISA paths that can run the bf16 GEMM: emulated on AVX2 / portable, native vdpbf16ps
+    on AVX-512 (only where the CPU has AVX512-BF16)."""
+    return [i for i in isas() if i != "avx512" or ops._native_bf16()]
+
+
 class _gemm_min_m:
     def __init__(self, m):
         self.m = m
@@ -65,9 +82,10 @@ def test_compiled_kernels_are_built_and_selected():
     assert "scalar" in isas() and cpu_ext.current_isa() in isas()
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
     torchq.quantize_(model, torchq.int4_weight_only(group_size=32))
-    from torchq.explain import explain_rows
-
-    assert [r["kernel"] for r in explain_rows(model)] == ["cpu.int4_weight_only"] * 2
+    text = torchq.explain(model, print_table=False)
+    table = [line for line in text.splitlines() if " Linear " in line]
+    assert len(table) == 2 and all("cpu.int4_weight_only" in line for line in table) and "reference" not in text
+    assert "cpu.int4_weight_only: fp32" in text  # the numerics footer
     assert model[0].weight.quant_layout == "cpu_int4_tile16"
 
 
@@ -156,6 +174,70 @@ def test_int4_weight_only_matches_reference(m, n, groups, group, cut, kind, dtyp
             y = F.linear(x, t, b)
         assert y.dtype == dtype and y.shape == (m, n)
         _check_float_output(y, exact, x, w_deq, b)
+
+
+@HYP
+@given(
+    m=st.integers(1, 20),
+    n=st.integers(1, 40),
+    groups=st.integers(1, 3),
+    cut=st.integers(0, 31),
+    scheme=st.sampled_from(["int4", "int8"]),
+    dtype=dtypes,
+    data=st.data(),
+)
+def test_bf16_gemm_path_matches_a_reference_that_rounds_the_same_way(m, n, groups, cut, scheme, dtype, data):
+    """From bf16_min_m rows (32; by default only on the avx512 path of AVX512-BF16 CPUs,
+    emulated here on every other ISA path) weights with numerics "auto" compute
+    bf16(x) @ bf16(W)^T in fp32; numerics "exact" (config exact_fp32=True) stays fp32."""
+    k = max(1, groups * 32 - cut)
+    torch.manual_seed(data.draw(st.integers(0, 2**16)))
+    w = torch.randn(n, k)
+    if scheme == "int4":
+        auto = quantized(w, "int4_weight_only", 4, 32)
+        exact_w = AffineQuantizedTensor.from_float(w, scheme="int4_weight_only", bits=4, group_size=32, symmetric=False, numerics="exact")
+    else:
+        auto = quantized(w, "int8_weight_only", 8, None, symmetric=True)
+        exact_w = AffineQuantizedTensor.from_float(w, scheme="int8_weight_only", bits=8, group_size=None, symmetric=True, numerics="exact")
+    assert auto.numerics == "auto" and exact_w.numerics == "exact"
+    x = torch.randn(m, k).to(dtype)
+    b = torch.randn(n).to(dtype)
+    w_deq = auto.dequantize(torch.float32)
+    rounded = x.bfloat16().double() @ w_deq.bfloat16().double().T + b.double()
+    exact = x.double() @ w_deq.double().T + b.double()
+    for isa in bf16_isas():
+        with cpu_ext.force_isa(isa), _tune("bf16_min_m", 1), _tune("bf16_emulate", 1):
+            y = F.linear(x, auto, b)
+            y_exact = F.linear(x, exact_w, b)
+        _check_float_output(y, rounded, x.bfloat16().float(), w_deq.bfloat16().float(), b)
+        _check_float_output(y_exact, exact, x, w_deq, b)
+
+
+def test_bf16_path_is_off_by_default_without_native_bf16():
+    """Without a native bf16 dot product the bf16 GEMM would only cost accuracy: fp32 stays."""
+    if ops._native_bf16() and cpu_ext.current_isa() == "avx512":
+        pytest.skip("this CPU runs the bf16 path natively by default")
+    torch.manual_seed(0)
+    t = quantized(torch.randn(24, 64), "int4_weight_only", 4, 32)
+    x = torch.randn(40, 64)
+    exact = x.double() @ t.dequantize(torch.float32).double().T
+    _check_float_output(F.linear(x, t), exact, x, t.dequantize(torch.float32), None)
+
+
+def test_numerics_option_round_trips_through_configs_and_checkpoints(tmp_path):
+    cfg = torchq.int4_weight_only(group_size=32, exact_fp32=True)
+    assert torchq.config_from_json(cfg.to_json()) == cfg
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 16))
+    torchq.quantize_(model, cfg, overrides={"1": torchq.int8_weight_only(exact_fp32=False)})
+    assert model[0].weight.numerics == "exact" and model[1].weight.numerics == "auto"
+    assert "numerics=exact" in repr(model[0].weight)
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    torchq.save_file(model.state_dict(), str(tmp_path / "m.safetensors"))
+    for sd in (torch.load(tmp_path / "m.pt", weights_only=True), torchq.load_file(str(tmp_path / "m.safetensors"))):
+        assert sd["0.weight"].numerics == "exact" and sd["1.weight"].numerics == "auto"
+    state = model[0].weight.checkpoint_state()
+    del state["numerics"]  # a checkpoint written before the field existed
+    assert AffineQuantizedTensor.from_checkpoint_state(state).numerics == "auto"
 
 
 @HYP

@@ -153,6 +153,6 @@ up     Linear     int8_weight_only  cpu_int8_k16     cpu.int8_weight_only  96x64
 down   Linear     int4_weight_only  cpu_int4_tile16  cpu.int4_weight_only  64x96   4736 
 head   Linear     int4_weight_only  cpu_int4_tile16  cpu.int4_weight_only  100x64  3700 
 4 quantized modules, 14964 bytes of quantized weights
-cpu.int4_weight_only: fp32 exact: bf16/fp16/fp32 activations widened to fp32, fp32 accumulate; M<8: per-group GEMV, M>=8: exact dequantize + fp32 GEMM; activations never rounded
-cpu.int8_weight_only: fp32 exact: bf16/fp16/fp32 activations widened to fp32, fp32 accumulate; M<8: per-group GEMV, M>=8: exact dequantize + fp32 GEMM; activations never rounded""",
+cpu.int4_weight_only: fp32: activations widened exactly to fp32, fp32 accumulate (M<8 per-group GEMV, else exact dequantize + fp32 GEMM); on AVX512-BF16 CPUs from M>=32: bf16 GEMM (activations and dequantized weights rounded to bf16, fp32 accumulate) unless the weight's numerics is 'exact' (config exact_fp32=True)
+cpu.int8_weight_only: fp32: activations widened exactly to fp32, fp32 accumulate (M<8 per-group GEMV, else exact dequantize + fp32 GEMM); on AVX512-BF16 CPUs from M>=32: bf16 GEMM (activations and dequantized weights rounded to bf16, fp32 accumulate) unless the weight's numerics is 'exact' (config exact_fp32=True)""",
     )

@@ -8,11 +8,16 @@ with ``act_scale`` / ``perm`` (AWQ, SmoothQuant, GPTQ act-order) go through
 Numerics (all ISA paths; AVX-512 hosts run the same algorithms with 16-lane vectors and
 VNNI):
 
-* weight-only int4 / int8: fp32 math throughout, for fp32, bf16 and fp16 activations
-  (bf16/fp16 are widened exactly). Below ``GEMM_MIN_M`` rows a GEMV kernel accumulates
-  ``sum_k u*x`` per group in fp32 and applies ``s * acc + zt * sum_k x``; from
-  ``GEMM_MIN_M`` rows the weight is dequantized exactly as ``dequantize_affine`` does and
-  multiplied by an fp32 FMA micro-kernel. No rounding of activations on any path.
+* weight-only int4 / int8: fp32 math, for fp32, bf16 and fp16 activations (bf16/fp16 are
+  widened exactly). Below ``GEMM_MIN_M`` rows a GEMV kernel accumulates ``sum_k u*x`` per
+  group in fp32 and applies ``s * acc + zt * sum_k x``; from ``GEMM_MIN_M`` rows the weight
+  is dequantized exactly as ``dequantize_affine`` does and multiplied by an fp32 FMA
+  micro-kernel. On CPUs with AVX512-BF16 only, from ``BF16_MIN_M`` rows, weights whose
+  ``numerics`` is ``"auto"`` (the default) run a bf16 GEMM instead: activations and the
+  dequantized weight rounded to bf16 (nearest even), products accumulated in fp32 - what a
+  bf16 dense layer computes - at about twice the fp32 rate. ``exact_fp32=True`` in the
+  config (``numerics="exact"`` on the weight, kept in checkpoints) keeps fp32 at every M.
+  AVX2 and portable CPUs have no faster bf16 dot product, so they compute in fp32 always.
 * W8A8 / W4A8: activations quantized per token exactly as
   ``torchq.primitives.quantize_per_token_int8``; integer products accumulated exactly in
   int32 (per group for W4A8), then scaled in fp32.
@@ -30,6 +35,9 @@ __all__ = ["GEMM_MIN_M", "CPU_KERNELS"]
 
 #: rows from which the weight-only kernels switch from GEMV to dequantize + GEMM.
 GEMM_MIN_M = 8
+#: rows from which weight-only kernels of ``numerics="auto"`` weights run the bf16 GEMM on
+#: CPUs with AVX512-BF16 (``torch.ops.torchq._native_bf16()``); never on other CPUs.
+BF16_MIN_M = 32
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -54,12 +62,16 @@ def _with_prepared_input(fn):
 
 @_with_prepared_input
 def int4_weight_only_linear(x, w, bias):
-    return torch.ops.torchq.int4_linear.default(x, w.qdata, w.scale, w.zero_point, bias, w.group_size, w.quant_min)
+    return torch.ops.torchq.int4_linear.default(
+        x, w.qdata, w.scale, w.zero_point, bias, w.group_size, w.quant_min, w.numerics == "exact"
+    )
 
 
 @_with_prepared_input
 def int8_weight_only_linear(x, w, bias):
-    return torch.ops.torchq.int8_linear.default(x, w.qdata, w.scale, w.zero_point, bias, w.group_size)
+    return torch.ops.torchq.int8_linear.default(
+        x, w.qdata, w.scale, w.zero_point, bias, w.group_size, w.numerics == "exact"
+    )
 
 
 @_with_prepared_input
@@ -100,9 +112,10 @@ def _w8a8_ok(w) -> bool:
 
 
 _WO_NUMERICS = (
-    "fp32 exact: bf16/fp16/fp32 activations widened to fp32, fp32 accumulate; M<{m}: per-group GEMV, "
-    "M>={m}: exact dequantize + fp32 GEMM; activations never rounded"
-).format(m=GEMM_MIN_M)
+    "fp32: activations widened exactly to fp32, fp32 accumulate (M<{m} per-group GEMV, else exact dequantize + "
+    "fp32 GEMM); on AVX512-BF16 CPUs from M>={b}: bf16 GEMM (activations and dequantized weights rounded to "
+    "bf16, fp32 accumulate) unless the weight's numerics is 'exact' (config exact_fp32=True)"
+).format(m=GEMM_MIN_M, b=BF16_MIN_M)
 _DYN_NUMERICS = "per-token int8 activations (bit-exact with quantize_per_token_int8), exact int32 accumulate, fp32 scale"
 
 CPU_KERNELS = [

@@ -17,12 +17,12 @@ def _linear_out(x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @torch.library.register_fake("torchq::int4_linear")
-def _int4_linear(x, qdata, scale, zero_point, bias, group_size, quant_min):
+def _int4_linear(x, qdata, scale, zero_point, bias, group_size, quant_min, exact=False):
     return _linear_out(x, scale.shape[0])
 
 
 @torch.library.register_fake("torchq::int8_linear")
-def _int8_linear(x, qdata, scale, zero_point, bias, group_size):
+def _int8_linear(x, qdata, scale, zero_point, bias, group_size, exact=False):
     return _linear_out(x, scale.shape[0])
 
 
@@ -85,17 +85,21 @@ def _weight_from_layout(layout_name: str, qdata, scale, zero_point, group_size: 
 def _register_linear_autograd(op: str, layout_name: str, has_zero: bool, has_group: bool, has_qmin: bool):
     def setup_context(ctx, inputs, output):
         x, qdata, scale = inputs[:3]
-        rest = list(inputs[3:])
-        ctx.zero_present = has_zero and rest[0] is not None
-        zero = rest.pop(0) if has_zero else None
-        bias = rest.pop(0)
-        ctx.group = rest.pop(0) if has_group else qdata.shape[1]
-        ctx.qmin = rest.pop(0) if has_qmin else 0
+        i = 3
+        zero = None
+        if has_zero:
+            zero, i = inputs[i], i + 1
+        bias, i = inputs[i], i + 1
+        ctx.group = inputs[i] if has_group else qdata.shape[1]
+        i += has_group
+        ctx.qmin = inputs[i] if has_qmin else 0
+        ctx.zero_present = zero is not None
         ctx.has_bias = bias is not None
+        ctx.bias_index = 4 if has_zero else 3
         ctx.x_dtype = x.dtype
         ctx.k = x.shape[-1]
         ctx.n_inputs = len(inputs)
-        ctx.save_for_backward(qdata, scale, zero if ctx.zero_present else None)
+        ctx.save_for_backward(qdata, scale, zero)
 
     def backward(ctx, grad):
         qdata, scale, zero = ctx.saved_tensors
@@ -103,9 +107,8 @@ def _register_linear_autograd(op: str, layout_name: str, has_zero: bool, has_gro
         if ctx.needs_input_grad[0]:
             w = _weight_from_layout(layout_name, qdata, scale, zero, ctx.group, ctx.qmin, ctx.k)
             grads[0] = (grad.float() @ w).to(ctx.x_dtype)
-        bias_index = 4 if has_zero else 3
-        if ctx.has_bias and ctx.needs_input_grad[bias_index]:
-            grads[bias_index] = grad.reshape(-1, grad.shape[-1]).sum(0)
+        if ctx.has_bias and ctx.needs_input_grad[ctx.bias_index]:
+            grads[ctx.bias_index] = grad.reshape(-1, grad.shape[-1]).sum(0)
         return tuple(grads)
 
     torch.library.register_autograd(op, backward, setup_context=setup_context)

@@ -40,6 +40,10 @@ __all__ = ["AffineQuantizedTensor", "SCHEMES", "FORMAT_NAME", "FORMAT_VERSION"]
 
 aten = torch.ops.aten
 
+#: ``numerics`` meta field: "auto" lets kernels use their documented faster arithmetic from
+#: a row count up (see each LinearKernel.numerics); "exact" keeps fp32 at every M.
+NUMERICS = ("auto", "exact")
+
 FORMAT_NAME = "torchq.affine"
 FORMAT_VERSION = 1
 
@@ -69,6 +73,7 @@ class AffineQuantizedTensor(TorchqTensor):
         "padded_in_features",
         "quant_layout",
         "kernel",
+        "numerics",
     )
 
     # ------------------------------------------------------------------ building
@@ -82,8 +87,11 @@ class AffineQuantizedTensor(TorchqTensor):
         group_size: Optional[int],
         symmetric: bool,
         zero_point_domain: ZeroPointDomain | str | None = None,
+        numerics: str = "auto",
     ) -> "AffineQuantizedTensor":
         """Quantize a float ``(N, K)`` weight. ``group_size=None`` means per output channel.
+        ``numerics``: ``"auto"`` lets kernels use their documented faster arithmetic for large
+        M (e.g. bf16 GEMM on AVX512-BF16 CPUs); ``"exact"`` keeps fp32 at every M.
 
         K is zero-padded up to a multiple of ``group_size``; the padded columns get codes
         but never contribute (activations are padded with zeros).
@@ -120,6 +128,7 @@ class AffineQuantizedTensor(TorchqTensor):
             quant_min=qmin,
             quant_max=qmax,
             zero_point_domain=domain,
+            numerics=numerics,
         )
 
     @classmethod
@@ -139,6 +148,7 @@ class AffineQuantizedTensor(TorchqTensor):
         zero_point_domain: ZeroPointDomain | str,
         act_scale: Optional[torch.Tensor] = None,
         perm: Optional[torch.Tensor] = None,
+        numerics: str = "auto",
     ) -> "AffineQuantizedTensor":
         """Build from signed integer codes ``(N, K_padded)`` and qparams ``(N, groups)``.
 
@@ -158,6 +168,7 @@ class AffineQuantizedTensor(TorchqTensor):
             quant_max=quant_max,
             zero_point_domain=ZeroPointDomain(zero_point_domain).value,
             padded_in_features=codes.shape[1],
+            numerics=numerics,
         )
 
     @classmethod
@@ -166,6 +177,9 @@ class AffineQuantizedTensor(TorchqTensor):
         meta = dict(meta)
         meta["quant_layout"] = SCHEMES[meta["scheme"]][1]
         meta["kernel"] = "unselected"
+        meta["numerics"] = meta.get("numerics") or "auto"
+        if meta["numerics"] not in NUMERICS:
+            raise ValueError(f"numerics must be one of {NUMERICS}, got {meta['numerics']!r}")
         fields = {n: tensors.get(n) for n in _TENSOR_FIELDS + _OPTIONAL_FIELDS}
         t = cls(outer_shape=outer_shape, outer_dtype=outer_dtype, device=fields["qdata"].device, **fields, **meta)
         t._validate()
@@ -260,6 +274,7 @@ class AffineQuantizedTensor(TorchqTensor):
     def __repr__(self) -> str:
         extras = "".join(f", {n}=({getattr(self, n).shape[0]},)" for n in ("act_scale", "perm") if getattr(self, n) is not None)
         pad = f", padded_in_features={self.padded_in_features}" if self.padded_in_features != self.shape[1] else ""
+        extras += ", numerics=exact" if self.numerics == "exact" else ""
         return (
             f"AffineQuantizedTensor(shape={tuple(self.shape)}, dtype={self.dtype}, scheme={self.scheme}, "
             f"bits={self.bits}, group_size={self.group_size}, range=[{self.quant_min}, {self.quant_max}], "
@@ -295,7 +310,8 @@ class AffineQuantizedTensor(TorchqTensor):
                 f"torchq affine tensor format version {state.get('version')} is not supported by this torchq "
                 f"(reads version {FORMAT_VERSION}); upgrade torchq"
             )
-        meta = {n: state[n] for n in cls.meta_fields if n not in ("quant_layout", "kernel")}
+        meta = {n: state[n] for n in cls.meta_fields if n not in ("quant_layout", "kernel", "numerics")}
+        meta["numerics"] = state.get("numerics", "auto")  # absent in checkpoints written before it existed
         tensors = {n: state.get(n) for n in _TENSOR_FIELDS + _OPTIONAL_FIELDS}
         return cls.from_canonical(
             tensors, outer_shape=tuple(state["shape"]), outer_dtype=getattr(torch, state["dtype"]), **meta
@@ -303,7 +319,8 @@ class AffineQuantizedTensor(TorchqTensor):
 
     def format_signature(self) -> dict[str, Any]:
         """What must agree for two tensors to hold interchangeable data."""
-        sig = {n: getattr(self, n) for n in self.meta_fields if n not in ("quant_layout", "kernel")}
+        # numerics is how kernels may compute, not part of the data
+        sig = {n: getattr(self, n) for n in self.meta_fields if n not in ("quant_layout", "kernel", "numerics")}
         sig["shape"] = tuple(self.shape)
         sig["optional"] = tuple(n for n in _OPTIONAL_FIELDS if getattr(self, n) is not None)
         return sig

@@ -43,6 +43,8 @@ struct Acts {
   const uint8_t* xabs;  // (M, ldq) |codes|
   int64_t ldq;
   const int32_t* qsum;  // (M, G) per-group sums of codes
+  const uint16_t* xbf;  // (M, ldb) bf16-rounded activations (bf16 GEMM path), zero padded to even K
+  int64_t ldb;
 };
 
 struct Out {
@@ -65,6 +67,8 @@ struct KernelTable {
   // activations for the int4 GEMV path, xsum (M, G), rscale (M).
   void (*prep_int4_gemv)(const void* x, int32_t dt, int64_t M, int64_t K, int64_t ldx, int64_t Kp,
                          int64_t group, float* xp, float* xsum, float* rscale);
+  // x -> bf16 (round to nearest even, like Tensor.bfloat16()) (M, ldb), zero padded.
+  void (*prep_bf16)(const void* x, int32_t dt, int64_t M, int64_t K, int64_t ldx, int64_t ldb, uint16_t* xb);
   // x -> fp32 (M, Kp) zero padded, and optionally xsum (M, G).
   void (*prep_f32)(const void* x, int32_t dt, int64_t M, int64_t K, int64_t ldx, int64_t Kp,
                    int64_t group, float* xf, float* xsum);
@@ -72,7 +76,8 @@ struct KernelTable {
   // q (M, ldq) zero padded to ldq, |q|, per-group code sums (M, Kp/group) when qsum, scale (M).
   void (*quant_act)(const void* x, int32_t dt, int64_t M, int64_t K, int64_t ldx, int64_t ldq,
                     int64_t group, int8_t* q, uint8_t* qabs, int32_t* qsum, float* scale);
-  // Linear kernels over weight tiles [t0, t1). gemm selects the dequantize+GEMM path.
+  // Linear kernels over weight tiles [t0, t1). gemm: 0 GEMV, 1 dequantize + fp32 GEMM,
+  // 2 dequantize + bf16 GEMM (weights and activations rounded to bf16, fp32 accumulate).
   void (*int4_wo)(const QWeight&, const Acts&, const Out&, int64_t t0, int64_t t1, int gemm, Scratch s);
   void (*int8_wo)(const QWeight&, const Acts&, const Out&, int64_t t0, int64_t t1, int gemm, Scratch s);
   void (*w4a8)(const QWeight&, const Acts&, const Out&, int64_t t0, int64_t t1);
@@ -89,6 +94,6 @@ const KernelTable* table_avx512();
 constexpr int64_t GEMM_KC = 256;   // k per dequantized weight block (multiple of 8)
 constexpr int64_t GEMM_NB = 4;     // tiles per output block
 constexpr int64_t GEMM_MB = 256;   // rows per output block
-inline int64_t gemm_scratch_floats() { return GEMM_KC * TILE + GEMM_MB * GEMM_NB * TILE + 64; }
+inline int64_t gemm_scratch_floats() { return 2 * GEMM_KC * TILE + GEMM_MB * GEMM_NB * TILE + 64; }
 
 }  // namespace torchq_k

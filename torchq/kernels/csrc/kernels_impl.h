@@ -194,6 +194,20 @@ static void prep_f32(const void* x, int32_t dt, int64_t M, int64_t K, int64_t ld
   }
 }
 
+// Activations rounded to bf16 (nearest even; NaN -> quiet NaN), zero padded to ldb.
+static void prep_bf16(const void* x, int32_t dt, int64_t M, int64_t K, int64_t ldx, int64_t ldb, uint16_t* xb) {
+  for (int64_t m = 0; m < M; ++m) {
+    uint16_t* row = xb + m * ldb;
+    const int64_t base = m * ldx;
+    if (dt == DT_BF16) {
+      __builtin_memcpy(row, (const uint16_t*)x + base, 2 * K);
+    } else {
+      for (int64_t k = 0; k < K; ++k) row[k] = tq_f32_to_bf16(load1(x, dt, base + k));
+    }
+    for (int64_t k = K; k < ldb; ++k) row[k] = 0;
+  }
+}
+
 // int4 GEMV activations: each row is normalized by a power of two 2^-e (amax in [0.5, 1),
 // undone exactly by rscale) and slot j of chunk c holds x[8c + KOFF[j]] * 2^-4j, matching
 // the kernel's extraction of nibble j as u * 2^4j (j < 7; nibble 7 is shifted down).
@@ -316,6 +330,58 @@ static void micro_rows(int mr, const float* x, int64_t ldx, const float* wb, int
   }
 }
 
+// c[m, 0:16] += sum_p dot2(x[m, 2p:2p+2], wp[p, 0:16]) with bf16 pairs (vdpbf16ps order).
+template <int MR>
+static inline void micro_bf16(const uint16_t* x, int64_t ldb, const uint32_t* wp, int64_t np, float* c, int64_t ldc) {
+  F acc[MR][H];
+  sfor<0, MR>([&](auto mi) {
+    constexpr int m = decltype(mi)::value;
+    sfor<0, H>([&](auto hi) { acc[m][hi.value] = V::load(c + m * ldc + hi.value * W); });
+  });
+  for (int64_t p = 0; p < np; ++p) {
+    I w[H];
+    sfor<0, H>([&](auto hi) { w[hi.value] = V::loadi(wp + p * TILE + hi.value * W); });
+    sfor<0, MR>([&](auto mi) {
+      constexpr int m = decltype(mi)::value;
+      const I xb = V::set1i(load4(x + m * ldb + 2 * p));
+      sfor<0, H>([&](auto hi) { acc[m][hi.value] = V::dot2bf16(acc[m][hi.value], xb, w[hi.value]); });
+    });
+  }
+  sfor<0, MR>([&](auto mi) {
+    constexpr int m = decltype(mi)::value;
+    sfor<0, H>([&](auto hi) { V::store(c + m * ldc + hi.value * W, acc[m][hi.value]); });
+  });
+}
+
+template <int MR>
+static void micro_bf16_rows(int mr, const uint16_t* x, int64_t ldb, const uint32_t* wp, int64_t np, float* c,
+                            int64_t ldc) {
+  if constexpr (MR > 0) {
+    if (mr == MR) {
+      micro_bf16<MR>(x, ldb, wp, np, c, ldc);
+    } else {
+      micro_bf16_rows<MR - 1>(mr, x, ldb, wp, np, c, ldc);
+    }
+  }
+}
+
+// fp32 block wb[k][16] (kc rows) -> bf16 pairs wp[p][16] (low half k = 2p, high half 2p + 1),
+// rounded to nearest even; an odd last row pairs with zero.
+static inline void block_to_bf16_pairs(const float* wb, int64_t kc, uint32_t* wp) {
+  const I one = V::set1i(1), bias = V::set1i(0x7FFF), hi_mask = V::set1i((int32_t)0xFFFF0000u);
+  auto rnd = [&](F v) {
+    const I u = V::bits(v);
+    return V::addi(u, V::addi(bias, V::andi(V::template srli<16>(u), one)));
+  };
+  for (int64_t p = 0; p < (kc + 1) / 2; ++p) {
+    for (int h = 0; h < H; ++h) {
+      const F w0 = V::load(wb + (2 * p) * TILE + h * W);
+      const F w1 = 2 * p + 1 < kc ? V::load(wb + (2 * p + 1) * TILE + h * W) : V::zero();
+      V::storei(wp + p * TILE + h * W, V::ori(V::template srli<16>(rnd(w0)), V::andi(rnd(w1), hi_mask)));
+    }
+  }
+}
+
 // Dequantize codes of tile k-range [k0, k0 + kc) to wb[k - k0][16] (fp32).
 typedef void (*DequantFn)(const QWeight&, const TileRef&, int64_t k0, int64_t kc, float* wb);
 
@@ -363,13 +429,15 @@ static void dequant_int8(const QWeight& q, const TileRef& tr, int64_t k0, int64_
   }
 }
 
-// Blocked dequantize + fp32 GEMM over tiles [t0, t1): for each block of MB rows and NB
-// tiles, K is walked in KC steps; each tile's KC x 16 slice is dequantized once into wb
-// and multiplied with all rows of the block (x block stays in L2).
-static void gemm_f32(const QWeight& q, const Acts& a, const Out& o, int64_t t0, int64_t t1, Scratch s,
-                     DequantFn deq) {
+// Blocked dequantize + GEMM over tiles [t0, t1): for each block of MB rows and NB tiles,
+// K is walked in KC steps; each tile's KC x 16 slice is dequantized once into wb and
+// multiplied with all rows of the block (x block stays in L2). bf16: the slice is rounded
+// to bf16 pairs and multiplied with bf16 activations (a.xbf), accumulating in fp32.
+static void gemm_blocked(const QWeight& q, const Acts& a, const Out& o, int64_t t0, int64_t t1, Scratch s,
+                         DequantFn deq, bool bf16) {
   float* wb = s.buf;
-  float* cb = s.buf + GEMM_KC * TILE;
+  uint32_t* wp = (uint32_t*)(s.buf + GEMM_KC * TILE);
+  float* cb = s.buf + 2 * GEMM_KC * TILE;
   const int64_t ldc = GEMM_NB * TILE;
   const int64_t K = q.K;
   for (int64_t mb = 0; mb < a.M; mb += GEMM_MB) {
@@ -382,9 +450,15 @@ static void gemm_f32(const QWeight& q, const Acts& a, const Out& o, int64_t t0, 
         for (int64_t ti = 0; ti < nb; ++ti) {
           const TileRef tr = tile_ref(q, tb + ti);
           deq(q, tr, kb, kc, wb);
+          if (bf16) block_to_bf16_pairs(wb, kc, wp);
           for (int64_t m0 = 0; m0 < mbs; m0 += V::GEMM_MR) {
             const int mr = (int)imin(V::GEMM_MR, mbs - m0);
-            micro_rows<V::GEMM_MR>(mr, a.x + (mb + m0) * a.ldx + kb, a.ldx, wb, kc, cb + m0 * ldc + ti * TILE, ldc);
+            float* c = cb + m0 * ldc + ti * TILE;
+            if (bf16) {
+              micro_bf16_rows<V::GEMM_MR>(mr, a.xbf + (mb + m0) * a.ldb + kb, a.ldb, wp, (kc + 1) / 2, c, ldc);
+            } else {
+              micro_rows<V::GEMM_MR>(mr, a.x + (mb + m0) * a.ldx + kb, a.ldx, wb, kc, c, ldc);
+            }
           }
         }
       }
@@ -509,7 +583,7 @@ typedef void (*GemvTileFn)(const QWeight&, const TileRef&, const Acts&, int64_t,
 static void weight_only(const QWeight& q, const Acts& a, const Out& o, int64_t t0, int64_t t1, int gemm, Scratch s,
                         GemvTileFn f1, GemvTileFn f2, GemvTileFn f3, GemvTileFn f4, DequantFn deq) {
   if (gemm) {
-    gemm_f32(q, a, o, t0, t1, s, deq);
+    gemm_blocked(q, a, o, t0, t1, s, deq, gemm == 2);
     return;
   }
   float out[4 * TILE];
@@ -684,7 +758,11 @@ static void w8a8(const QWeight& q, const Acts& a, const Out& o, int64_t t0, int6
 #include "codebook4_impl.h"
 
 const KernelTable kTable = {
+<<<<<<< HEAD
     TQ_TABLE_NAME, prep_int4_gemv, prep_f32, quant_act, int4_wo, int8_wo, w4a8, w8a8, cb4_wo,
+=======
+    TQ_TABLE_NAME, prep_int4_gemv, prep_bf16, prep_f32, quant_act, int4_wo, int8_wo, w4a8, w8a8,
+>>>>>>> kernels
 };
 
 }  // namespace

@@ -48,7 +48,14 @@ int64_t detect_supported() {
   return mask;
 }
 
+bool detect_bf16() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+  return a & (1u << 5);  // AVX512_BF16 (vdpbf16ps)
+}
+
 const int64_t kSupported = detect_supported();
+const bool kNativeBf16 = (kSupported & (1 << ISA_AVX512)) && detect_bf16();
 std::atomic<int64_t> g_isa{(kSupported & (1 << ISA_AVX512)) ? ISA_AVX512
                            : (kSupported & (1 << ISA_AVX2)) ? ISA_AVX2
                                                             : ISA_SCALAR};
@@ -62,10 +69,28 @@ const KernelTable* table() {
 }
 
 // Tunables (M thresholds of the dequantize + GEMM paths); -1 restores the default.
+// bf16_min_m: from this M, weight-only kernels of weights with numerics "auto" run the
+// bf16 GEMM (activations and dequantized weights rounded to bf16, fp32 accumulate) - on
+// the avx512 path of CPUs with AVX512-BF16 only, where it is faster. Elsewhere there is no
+// bf16 dot product to gain from; bf16_emulate=1 runs the same arithmetic there (tests).
+constexpr int64_t kBf16MinMDefault = 32;
 std::atomic<int64_t> g_int4_gemm_min_m{8};
 std::atomic<int64_t> g_int8_gemm_min_m{8};
+std::atomic<int64_t> g_bf16_min_m{kBf16MinMDefault};
+std::atomic<int64_t> g_bf16_emulate{0};
+
+// Whether this call of a weight-only kernel runs the bf16 GEMM.
+bool use_bf16(bool exact, int64_t M) {
+  if (exact || M < g_bf16_min_m.load()) return false;
+  const bool avx512 = g_isa.load() == ISA_AVX512;
+  if (avx512 && kNativeBf16) return true;
+  if (!g_bf16_emulate.load()) return false;
+  TORCH_CHECK(!avx512, "torchq: the avx512 ISA path runs bf16 only natively (AVX512-BF16), which this CPU lacks");
+  return true;
+}
 
 int64_t supported_isas() { return kSupported; }
+bool native_bf16() { return kNativeBf16; }
 
 // How many distinct threads at::parallel_for used for `n` items: 1 for an extension
 // built without OpenMP, whatever torch.set_num_threads allows otherwise (tests).
@@ -94,8 +119,15 @@ int64_t tune(std::string name, int64_t value) {
   } else if (name == "int8_gemm_min_m") {
     p = &g_int8_gemm_min_m;
     dflt = 8;
+  } else if (name == "bf16_min_m") {
+    p = &g_bf16_min_m;
+    dflt = kBf16MinMDefault;
+  } else if (name == "bf16_emulate") {
+    p = &g_bf16_emulate;
+    dflt = 0;
   }
-  TORCH_CHECK(p, "torchq: unknown tunable '", name, "' (known: int4_gemm_min_m, int8_gemm_min_m)");
+  TORCH_CHECK(p, "torchq: unknown tunable '", name,
+              "' (known: int4_gemm_min_m, int8_gemm_min_m, bf16_min_m, bf16_emulate)");
   return p->exchange(value < 0 ? dflt : value);
 }
 
@@ -317,8 +349,12 @@ using TileRunner = std::function<void(const QWeight&, const Acts&, const Out&, i
 // lut != null: a 4-bit codebook weight (int4-tiled codes, fp32 scales, 16-entry table).
 at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
                               const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& bias,
+<<<<<<< HEAD
                               int64_t group, int64_t qmin, bool int4, const float* lut = nullptr,
                               const TileRunner* runner = nullptr) {
+=======
+                              int64_t group, int64_t qmin, bool int4, bool exact) {
+>>>>>>> kernels
   const int32_t xdt = float_dt(x, "activations");
   at::Tensor x2 = rows_of(x);
   const int64_t M = x2.size(0), K = x2.size(1);
@@ -330,7 +366,8 @@ at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qdata, cons
   at::Tensor b = bias_f32(bias, q.N);
   Out o = make_out(y, b, q.N);
   const KernelTable* kt = table();
-  const bool gemm = M >= (int4 ? g_int4_gemm_min_m : g_int8_gemm_min_m).load();
+  const bool bf16 = use_bf16(exact, M);
+  const bool gemm = bf16 || M >= (int4 ? g_int4_gemm_min_m : g_int8_gemm_min_m).load();
   Acts a{};
   a.M = M;
   const bool need_sum = (int4 && !lut) || q.zero_kind != ZK_NONE || q.qmin != 0;
@@ -353,6 +390,11 @@ at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qdata, cons
     a.x = xp;
     a.ldx = q.Kp;
     a.xsum = xsum;
+  } else if (bf16) {
+    a.ldb = (K + 1) / 2 * 2;
+    uint16_t* xb = (uint16_t*)tl_prep.get(sizeof(uint16_t) * M * a.ldb);
+    kt->prep_bf16(x2.data_ptr(), xdt, M, K, x2.stride(0), a.ldb, xb);
+    a.xbf = xb;
   } else if (xdt == DT_F32 && (M == 1 || x2.stride(0) >= K)) {
     a.x = x2.data_ptr<float>();
     a.ldx = M == 1 ? K : x2.stride(0);
@@ -372,24 +414,29 @@ at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qdata, cons
   over_tiles(q.N, call_work(q, M, int4), [&](int64_t t0, int64_t t1) {
     Scratch s{nullptr, 0};
     if (gemm) s = Scratch{(float*)tl_gemm.get(sizeof(float) * gemm_scratch_floats()), gemm_scratch_floats()};
+<<<<<<< HEAD
     if (runner) {
       (*runner)(q, a, o, t0, t1, gemm ? 1 : 0, s);
     } else {
       wo(q, a, o, t0, t1, gemm ? 1 : 0, s);
     }
+=======
+    wo(q, a, o, t0, t1, bf16 ? 2 : gemm ? 1 : 0, s);
+>>>>>>> kernels
   });
   return y;
 }
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
                        const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& bias, int64_t group,
-                       int64_t qmin) {
-  return weight_only_linear(x, qdata, scale, zero, bias, group, qmin, true);
+                       int64_t qmin, bool exact) {
+  return weight_only_linear(x, qdata, scale, zero, bias, group, qmin, true, exact);
 }
 
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
-                       const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& bias, int64_t group) {
-  return weight_only_linear(x, qdata, scale, zero, bias, group, 0, false);
+                       const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& bias, int64_t group,
+                       bool exact) {
+  return weight_only_linear(x, qdata, scale, zero, bias, group, 0, false, exact);
 }
 
 // ------------------------------------------------------------------ 4-bit codebook (NF4 / FP4)
@@ -592,8 +639,9 @@ at::Tensor w8a8_int_acc(const at::Tensor& x, const at::Tensor& qdata, const at::
 
 TORCH_LIBRARY(torchq, m) {
   m.def("int4_linear(Tensor x, Tensor qdata, Tensor scale, Tensor? zero_point, Tensor? bias, int group_size, "
-        "int quant_min) -> Tensor");
-  m.def("int8_linear(Tensor x, Tensor qdata, Tensor scale, Tensor? zero_point, Tensor? bias, int group_size) -> Tensor");
+        "int quant_min, bool exact=False) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor qdata, Tensor scale, Tensor? zero_point, Tensor? bias, int group_size, "
+        "bool exact=False) -> Tensor");
   m.def("w4a8_linear(Tensor x, Tensor qdata, Tensor scale, Tensor? zero_point, Tensor? bias, int group_size, "
         "int quant_min) -> Tensor");
   m.def("w8a8_linear(Tensor x, Tensor qdata, Tensor scale, Tensor? bias) -> Tensor");
@@ -603,6 +651,7 @@ TORCH_LIBRARY(torchq, m) {
   m.def("codebook4_linear(Tensor x, Tensor qdata, Tensor scale, Tensor lut, Tensor? bias, int block_size, "
         "Tensor? dq_code=None, Tensor? dq_absmax=None, Tensor? dq_offset=None) -> Tensor");
   m.def("_supported_isas() -> int", &supported_isas);
+  m.def("_native_bf16() -> bool", &native_bf16);
   m.def("_get_isa() -> int", &get_isa);
   m.def("_set_isa(int isa) -> ()", &set_isa);
   m.def("_tune(str name, int value) -> int", &tune);

@@ -40,6 +40,17 @@ struct VecAVX2 {
   static inline I addi(I a, I b) { return _mm256_add_epi32(a, b); }
   static inline I subi(I a, I b) { return _mm256_sub_epi32(a, b); }
   template <int S> static inline I srli(I a) { return _mm256_srli_epi32(a, S); }
+  template <int S> static inline I slli(I a) { return _mm256_slli_epi32(a, S); }
+  static inline I ori(I a, I b) { return _mm256_or_si256(a, b); }
+  static inline I bits(F a) { return _mm256_castps_si256(a); }
+  static inline F fbits(I a) { return _mm256_castsi256_ps(a); }
+  // acc + a.bf16[2i+1] * b.bf16[2i+1] + a.bf16[2i] * b.bf16[2i] per lane, in the order of
+  // vdpbf16ps (bf16 products are exact in fp32, so each step rounds once like it does).
+  static inline F dot2bf16(F acc, I a, I b) {
+    const I hi = _mm256_set1_epi32((int)0xFFFF0000u);
+    acc = _mm256_fmadd_ps(fbits(_mm256_and_si256(a, hi)), fbits(_mm256_and_si256(b, hi)), acc);
+    return _mm256_fmadd_ps(fbits(_mm256_slli_epi32(a, 16)), fbits(_mm256_slli_epi32(b, 16)), acc);
+  }
   // W signed bytes -> W int32 lanes.
   static inline I s8_to_i32(const int8_t* p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)); }
   // acc + sum over each lane's 4 byte products u8 * s8. Precondition: the sum of each

@@ -40,6 +40,12 @@ struct VecAVX512 {
   static inline I addi(I a, I b) { return _mm512_add_epi32(a, b); }
   static inline I subi(I a, I b) { return _mm512_sub_epi32(a, b); }
   template <int S> static inline I srli(I a) { return _mm512_srli_epi32(a, S); }
+  template <int S> static inline I slli(I a) { return _mm512_slli_epi32(a, S); }
+  static inline I ori(I a, I b) { return _mm512_or_si512(a, b); }
+  static inline I bits(F a) { return _mm512_castps_si512(a); }
+  static inline F fbits(I a) { return _mm512_castsi512_ps(a); }
+  // Native vdpbf16ps (AVX512-BF16). Only reached on CPUs that have it (ops.cpp checks).
+  static inline F dot2bf16(F acc, I a, I b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
   static inline I s8_to_i32(const int8_t* p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)); }
   // VNNI: exact int32 accumulation of the 4 byte products per lane (no saturation).
   static inline I dot4(I acc, I u, I s) { return _mm512_dpbusd_epi32(acc, u, s); }

@@ -40,6 +40,20 @@ struct VecScalar {
   static inline I addi(I a, I b) { I r; TQ_LANES r.v[l] = (int32_t)((uint32_t)a.v[l] + (uint32_t)b.v[l]); return r; }
   static inline I subi(I a, I b) { I r; TQ_LANES r.v[l] = (int32_t)((uint32_t)a.v[l] - (uint32_t)b.v[l]); return r; }
   template <int S> static inline I srli(I a) { I r; TQ_LANES r.v[l] = (int32_t)((uint32_t)a.v[l] >> S); return r; }
+  template <int S> static inline I slli(I a) { I r; TQ_LANES r.v[l] = (int32_t)((uint32_t)a.v[l] << S); return r; }
+  static inline I ori(I a, I b) { I r; TQ_LANES r.v[l] = a.v[l] | b.v[l]; return r; }
+  static inline I bits(F a) { I r; __builtin_memcpy(r.v, a.v, 64); return r; }
+  static inline F fbits(I a) { F r; __builtin_memcpy(r.v, a.v, 64); return r; }
+  // vdpbf16ps semantics: odd pair element first, then even; bf16 products are exact in fp32.
+  static inline F dot2bf16(F acc, I a, I b) {
+    F r;
+    TQ_LANES {
+      const uint32_t x = (uint32_t)a.v[l], y = (uint32_t)b.v[l];
+      float t = acc.v[l] + tq_u2f(x & 0xFFFF0000u) * tq_u2f(y & 0xFFFF0000u);
+      r.v[l] = t + tq_u2f(x << 16) * tq_u2f(y << 16);
+    }
+    return r;
+  }
   static inline I s8_to_i32(const int8_t* p) { I r; TQ_LANES r.v[l] = p[l]; return r; }
   static inline I dot4(I acc, I u, I s) {
     I r;
