@@ -758,11 +758,7 @@ static void w8a8(const QWeight& q, const Acts& a, const Out& o, int64_t t0, int6
 #include "codebook4_impl.h"
 
 const KernelTable kTable = {
-<<<<<<< HEAD
-    TQ_TABLE_NAME, prep_int4_gemv, prep_f32, quant_act, int4_wo, int8_wo, w4a8, w8a8, cb4_wo,
-=======
-    TQ_TABLE_NAME, prep_int4_gemv, prep_bf16, prep_f32, quant_act, int4_wo, int8_wo, w4a8, w8a8,
->>>>>>> kernels
+    TQ_TABLE_NAME, prep_int4_gemv, prep_bf16, prep_f32, quant_act, int4_wo, int8_wo, w4a8, w8a8, cb4_wo,
 };
 
 }  // namespace

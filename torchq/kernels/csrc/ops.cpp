@@ -349,12 +349,8 @@ using TileRunner = std::function<void(const QWeight&, const Acts&, const Out&, i
 // lut != null: a 4-bit codebook weight (int4-tiled codes, fp32 scales, 16-entry table).
 at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
                               const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& bias,
-<<<<<<< HEAD
-                              int64_t group, int64_t qmin, bool int4, const float* lut = nullptr,
+                              int64_t group, int64_t qmin, bool int4, bool exact, const float* lut = nullptr,
                               const TileRunner* runner = nullptr) {
-=======
-                              int64_t group, int64_t qmin, bool int4, bool exact) {
->>>>>>> kernels
   const int32_t xdt = float_dt(x, "activations");
   at::Tensor x2 = rows_of(x);
   const int64_t M = x2.size(0), K = x2.size(1);
@@ -414,15 +410,12 @@ at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qdata, cons
   over_tiles(q.N, call_work(q, M, int4), [&](int64_t t0, int64_t t1) {
     Scratch s{nullptr, 0};
     if (gemm) s = Scratch{(float*)tl_gemm.get(sizeof(float) * gemm_scratch_floats()), gemm_scratch_floats()};
-<<<<<<< HEAD
+    const int mode = bf16 ? 2 : gemm ? 1 : 0;
     if (runner) {
-      (*runner)(q, a, o, t0, t1, gemm ? 1 : 0, s);
+      (*runner)(q, a, o, t0, t1, mode, s);
     } else {
-      wo(q, a, o, t0, t1, gemm ? 1 : 0, s);
+      wo(q, a, o, t0, t1, mode, s);
     }
-=======
-    wo(q, a, o, t0, t1, bf16 ? 2 : gemm ? 1 : 0, s);
->>>>>>> kernels
   });
   return y;
 }
@@ -510,7 +503,7 @@ at::Tensor cb4_dq_linear(const at::Tensor& x, const at::Tensor& qdata, const at:
       tb = te;
     }
   };
-  return weight_only_linear(x, qdata, tail, c10::nullopt, bias, block_size, 0, true, lut, &runner);
+  return weight_only_linear(x, qdata, tail, c10::nullopt, bias, block_size, 0, true, /*exact=*/true, lut, &runner);
 }
 
 at::Tensor cb4_linear(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale, const at::Tensor& lut,
@@ -526,7 +519,7 @@ at::Tensor cb4_linear(const at::Tensor& x, const at::Tensor& qdata, const at::Te
     return cb4_dq_linear(x, qdata, scale, lut.data_ptr<float>(), bias, block_size, *dq_code, *dq_absmax, *dq_offset);
   }
   TORCH_CHECK(scale.scalar_type() == at::kFloat, "torchq: codebook block scales must be fp32 (or uint8 double-quantized)");
-  return weight_only_linear(x, qdata, scale, c10::nullopt, bias, block_size, 0, true, lut.data_ptr<float>());
+  return weight_only_linear(x, qdata, scale, c10::nullopt, bias, block_size, 0, true, /*exact=*/true, lut.data_ptr<float>());
 }
 
 // ------------------------------------------------------------------ dynamic int8 ops
