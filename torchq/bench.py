@@ -2,10 +2,10 @@
 
 * prefill: one forward over the prompt that fills the KV cache and returns only the last
   position's logits (what ``generate`` does); best of ``repeats`` runs after a warm-up.
-* decode: greedy, one token per forward with the KV cache, ``new_tokens`` steps (or fewer
-  when ``max_decode_seconds`` runs out, so slow reference kernels do not stall a demo);
-  tokens/s over the steps run after one warm-up step. The greedy continuation is returned
-  as a text sample.
+* decode: greedy, one token per forward with the KV cache, up to ``new_tokens`` tokens in
+  all (fewer when ``max_decode_seconds`` runs out, so slow reference kernels do not stall a
+  demo); tokens/s over the decode steps (after one warm-up step when compiling). The
+  greedy continuation is returned as a text sample.
 * peak RSS: the process's resident-set high-water mark during the benchmark (Linux
   ``VmHWM``, reset first through ``/proc/self/clear_refs``; elsewhere the lifetime peak).
 * ``compile=True`` runs the same loops through ``torch.compile(model.forward)``; the first
@@ -74,7 +74,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
-def _step(forward, ids, cache):
+def _step(forward, ids, cache=None):
     out = forward(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     return out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
 
@@ -87,10 +87,16 @@ def bench(
     prompt_tokens: Optional[int] = None,
     new_tokens: int = 32,
     repeats: int = 2,
+    max_prefill_seconds: Optional[float] = None,
     max_decode_seconds: Optional[float] = None,
     compile: bool = False,
 ) -> BenchResult:
-    """Benchmark ``model`` on ``prompt`` (truncated or repeated to ``prompt_tokens`` tokens)."""
+    """Benchmark ``model`` on ``prompt`` (truncated or repeated to ``prompt_tokens`` tokens).
+
+    ``max_prefill_seconds`` / ``max_decode_seconds`` stop the prefill repeats / decode steps
+    once that much time is spent (at least one timed run / step each), so that a slow model
+    costs seconds, not minutes; a fast one runs them all.
+    """
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
     if prompt_tokens is not None:
         reps = -(-prompt_tokens // ids.shape[1])
@@ -99,21 +105,26 @@ def bench(
     reset_peak_rss()
     compile_seconds = None
     with torch.inference_mode():
+        ids = ids.clone()  # an inference tensor, like every later input (no recompile on the dispatch keys)
         t0 = time.perf_counter()
         cache, nxt = _step(forward, ids, None)  # warm-up (and compile) of prefill
         first = time.perf_counter() - t0
-        best = float("inf")
-        for _ in range(repeats):
+        times: list[float] = []
+        while len(times) < max(1, repeats):
             t0 = time.perf_counter()
-            cache, nxt = _step(forward, ids, None)
-            best = min(best, time.perf_counter() - t0)
+            cache, nxt = _step(forward, ids, cache=None)
+            times.append(time.perf_counter() - t0)
+            if max_prefill_seconds is not None and sum(times) > max_prefill_seconds:
+                break
         generated = [int(nxt)]
-        t0 = time.perf_counter()
-        cache, nxt = _step(forward, nxt, cache)  # warm-up (and compile) of decode
-        first_decode = time.perf_counter() - t0
-        generated.append(int(nxt))
+        first_decode = 0.0
+        if compile:  # eager decoding has no one-time cost worth a warm-up step
+            t0 = time.perf_counter()
+            cache, nxt = _step(forward, nxt, cache)
+            first_decode = time.perf_counter() - t0
+            generated.append(int(nxt))
         steps, start = 0, time.perf_counter()
-        while steps < new_tokens - 1:
+        while len(generated) < new_tokens:
             cache, nxt = _step(forward, nxt, cache)
             generated.append(int(nxt))
             steps += 1
@@ -123,7 +134,7 @@ def bench(
     if compile:
         compile_seconds = first + first_decode
     return BenchResult(
-        prefill_tokens_per_s=ids.shape[1] / best,
+        prefill_tokens_per_s=ids.shape[1] / min(times),
         decode_tokens_per_s=steps / decode_time if steps else float("nan"),
         prompt_tokens=ids.shape[1],
         new_tokens=steps,
@@ -155,12 +166,16 @@ def linear_dispatch_overhead(weight: torch.Tensor, iters: int = 2000) -> dict[st
     kernel = get_kernel(weight.kernel).linear
 
     def timed(fn) -> float:
-        for _ in range(min(20, iters)):
+        t0 = time.perf_counter()
+        fn()
+        once = time.perf_counter() - t0
+        n = max(3, min(iters, int(0.5 / max(once, 1e-7))))  # about half a second per measurement
+        for _ in range(min(20, n)):
             fn()
         t0 = time.perf_counter()
-        for _ in range(iters):
+        for _ in range(n):
             fn()
-        return (time.perf_counter() - t0) / iters * 1e6
+        return (time.perf_counter() - t0) / n * 1e6
 
     with torch.inference_mode():
         return {
