@@ -33,6 +33,7 @@ from ..primitives.affine import (
     quantize_affine,
 )
 from .base import TorchqTensor
+from .common import copy_same_format, embedding_arguments, slice_bounds
 from ..serialization import register_format
 from .layouts import canonical_from_codes, codes_from_canonical, get_layout
 
@@ -365,12 +366,7 @@ def _f_linear(func, types, args, kwargs):
 
 @AffineQuantizedTensor.implements_function(F.embedding)
 def _f_embedding(func, types, args, kwargs):
-    names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
-    bound = dict(zip(names, args))
-    bound.update(kwargs)
-    if bound.get("max_norm") is not None:
-        raise NotImplementedError("F.embedding with max_norm would renormalize quantized rows in place; not supported")
-    return embedding_lookup(bound["input"], bound["weight"])
+    return embedding_lookup(*embedding_arguments(args, kwargs))
 
 
 def embedding_lookup(indices: torch.Tensor, weight: AffineQuantizedTensor) -> torch.Tensor:
@@ -396,43 +392,14 @@ def _aten_embedding(func, types, args, kwargs):
 # ---------------------------------------------------------------------- copy_ / slicing
 @AffineQuantizedTensor.implements(aten.copy_.default)
 def _copy_(func, types, args, kwargs):
-    dst, src = args[0], args[1]
-    if not isinstance(dst, AffineQuantizedTensor):
-        raise TypeError(
-            f"cannot copy a quantized tensor {tuple(src.shape)} into a float tensor: load the checkpoint with "
-            "load_state_dict(..., assign=True), or quantize the model the same way before loading"
-        )
-    if not isinstance(src, AffineQuantizedTensor):
-        raise TypeError(
-            f"cannot copy a float tensor {tuple(src.shape)} into a quantized weight {tuple(dst.shape)}: this "
-            "checkpoint is not quantized; load it into the float model and call torchq.quantize_ afterwards"
-        )
-    a, b = dst.format_signature(), src.format_signature()
-    if a != b:
-        diff = {k: (a[k], b.get(k)) for k in a if a[k] != b.get(k)}
-        raise ValueError(
-            "quantized formats differ (model vs checkpoint): "
-            + ", ".join(f"{k}: {v[0]} vs {v[1]}" for k, v in diff.items())
-        )
-    incoming = get_layout(dst.quant_layout).to_layout(src.canonical_tensors())
-    for name in _TENSOR_FIELDS + _OPTIONAL_FIELDS:
-        target = getattr(dst, name)
-        if target is not None:
-            target.copy_(incoming[name])
-    return dst
+    return copy_same_format(args[0], args[1], AffineQuantizedTensor)
 
 
 @AffineQuantizedTensor.implements(aten.slice.Tensor)
 def _slice(func, types, args, kwargs):
-    defaults = [None, 0, None, None, 1]
-    self, dim, start, end, step = list(args) + defaults[len(args) :]
+    self = args[0]
     n, k = self.shape
-    dim = dim % 2
-    size = (n, k)[dim]
-    start = 0 if start is None else min(max(start + size if start < 0 else start, 0), size)
-    end = size if end is None else min(max(end + size if end < 0 else end, 0), size)
-    if step != 1:
-        raise NotImplementedError("slicing a quantized weight with step != 1 is not supported")
+    dim, start, end = slice_bounds(args, (n, k))
     c = self.canonical_tensors()
     if dim == 0:
         sub = {key: (v[start:end] if v is not None and key in ("qdata", "scale", "zero_point") else v) for key, v in c.items()}

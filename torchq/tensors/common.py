@@ -2,8 +2,6 @@
 
 A class using them provides ``format_signature()``, ``canonical_tensors()``,
 ``quant_layout`` and the declarative field lists of :class:`~torchq.tensors.base.TorchqTensor`.
-(:class:`~torchq.tensors.affine_quantized.AffineQuantizedTensor` predates this module
-and still carries its own copies.)
 """
 
 from __future__ import annotations
