@@ -44,6 +44,7 @@ pytestmark = pytest.mark.slow
 pytest.importorskip("gguf")
 
 import torchq  # noqa: E402
+from torchq.kernels import prefer_kernels  # noqa: E402
 from torchq import eval as teval  # noqa: E402
 from torchq.schemes_vocab import config_from_scheme, scheme_names  # noqa: E402
 
@@ -163,7 +164,19 @@ def test_scheme_perplexity_generation_and_reload(name, smol, tmp_path):
     _round_trip(model, smol, tmp_path)
 
 
-@pytest.mark.parametrize("scheme", SCHEME_NAMES)
+KNOWN_KERNEL_GAPS = {
+    # measured 2026-11-22: SmolLM2, 64 tokens, perplexity 25.43 with the C++ W4A8 kernel vs 22.99
+    # with the reference kernel (float 14.07); property tests on random shapes agree, so the gap
+    # is specific to the real model's shapes/activations. Open bug, reported in the session note.
+    "w4a8": "C++ W4A8 kernel is ~10 % worse than its reference on SmolLM2 (open bug)",
+}
+
+
+@pytest.mark.parametrize(
+    "scheme",
+    [pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_KERNEL_GAPS[n], strict=True)) if n in KNOWN_KERNEL_GAPS else n
+     for n in SCHEME_NAMES],
+)
 def test_every_vocabulary_scheme_quantizes_the_whole_model(scheme, smol):
     """Each command-line scheme with its defaults, tied LM head and embedding included, runs on
     SmolLM2 and stays a language model (a broken head or embedding gives perplexities in the
@@ -177,5 +190,14 @@ def test_every_vocabulary_scheme_quantizes_the_whole_model(scheme, smol):
     ids = smol["windows"][:1, :64]
     ppl = teval.evaluate(model, ids, progress=False).perplexity
     float_ppl = teval.evaluate(smol["fp32"], ids, progress=False).perplexity
-    print(f"\n{scheme} (whole model): perplexity {ppl:.2f} vs float {float_ppl:.2f} on 64 tokens")
-    assert ppl < 2 * float_ppl
+    # the same format through the plain-PyTorch reference kernels: the fast kernels must cost
+    # no accuracy against the format's own definition (issue 5: within 3 % of it)
+    with prefer_kernels("reference"):
+        reference = copy.deepcopy(smol["fp32"])
+        torchq.quantize_(reference, config)
+    ref_ppl = teval.evaluate(reference, ids, progress=False).perplexity
+    print(f"\n{scheme} (whole model): perplexity {ppl:.2f} (reference kernels {ref_ppl:.2f}) vs float {float_ppl:.2f}")
+    assert ppl <= ref_ppl * 1.03
+    # a broken head or embedding gives perplexities in the thousands; bnb-FP4 with the tied head
+    # quantized measured x2.4 here (its table is coarse), NF4 and e2m1 less
+    assert ppl < 3 * float_ppl
