@@ -26,12 +26,38 @@ from .configs import (
     intx_weight_only,
     register_config,
 )
+from .codebook_configs import (
+    FP4WeightOnlyConfig,
+    NF4WeightOnlyConfig,
+    fp4_e2m1,
+    fp4_e2m1_bnb,
+    fp4_weight_only,
+    nf4_weight_only,
+)
+from . import codebook_handlers  # noqa: F401  (registers the NF4 / FP4 handlers)
 from .explain import explain
 from .handlers import register_handler
+from .api import register_after_quantize as _register_after_quantize
+from .integrations import install_transformers_hook as _install_transformers_hook
+from .integrations import mark_transformers_model as _mark_transformers_model
+from .schemes_vocab import config_from_scheme, register_scheme, scheme_names
 from .serialization import load_file, save_file
-from .tensors import AffineQuantizedTensor, TorchqTensor
+from .tensors import AffineQuantizedTensor, Codebook4Tensor, TorchqTensor
 
 __version__ = "0.1.0"
+
+# transformers finds torchq checkpoints (quant_method "torchq") once torchq is imported;
+# the registration itself waits until transformers loads its quantizer registry.
+_install_transformers_hook()
+_register_after_quantize(_mark_transformers_model)
+
+
+def __getattr__(name: str):
+    if name == "TorchqConfig":  # imports transformers' quantizer registry: only when asked for
+        from .integrations.transformers import TorchqConfig
+
+        return TorchqConfig
+    raise AttributeError(f"module 'torchq' has no attribute {name!r}")
 
 
 def load_gguf(path, **kwargs):
@@ -53,10 +79,15 @@ __all__ = [
     "load_file",
     "load_gguf",
     "AffineQuantizedTensor",
+    "Codebook4Tensor",
     "TorchqTensor",
     "QuantConfig",
     "register_config",
     "register_handler",
+    "TorchqConfig",
+    "config_from_scheme",
+    "register_scheme",
+    "scheme_names",
     "config_from_dict",
     "config_from_json",
     "Int8WeightOnlyConfig",
@@ -69,4 +100,10 @@ __all__ = [
     "intx_weight_only",
     "int8_dynamic_activation_int8_weight",
     "int8_dynamic_activation_int4_weight",
+    "NF4WeightOnlyConfig",
+    "FP4WeightOnlyConfig",
+    "nf4_weight_only",
+    "fp4_weight_only",
+    "fp4_e2m1",
+    "fp4_e2m1_bnb",
 ]

@@ -13,7 +13,9 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from ._vocab import SCHEME_NAMES, config_from_scheme
+from .schemes_vocab import config_from_scheme, scheme_names
+
+SCHEME_NAMES = tuple(scheme_names())
 
 EPILOG = """\
 examples:

@@ -147,6 +147,7 @@ class Int8WeightOnlyConfig(QuantConfig):
     type_name: ClassVar[str] = "int8_weight_only"
     group_size: Optional[int] = None
     pad_policy: str = "pad"
+    exact_fp32: bool = False  # see Int4WeightOnlyConfig
 
     def __post_init__(self) -> None:
         self._check_version()
@@ -157,9 +158,15 @@ class Int8WeightOnlyConfig(QuantConfig):
 @register_config
 @dataclass(frozen=True)
 class Int4WeightOnlyConfig(_GroupedConfig):
-    """int4 group-wise weights, float activations. Asymmetric by default."""
+    """int4 group-wise weights, float activations. Asymmetric by default.
+
+    ``exact_fp32=True`` keeps kernels in fp32 at every batch size; by default a kernel may
+    use its documented faster arithmetic from a row count up (on AVX512-BF16 CPUs: a bf16
+    GEMM from M=32, what a bf16 dense layer computes). ``torchq.explain`` shows each
+    kernel's numerics; the choice is stored on the weight and in checkpoints."""
 
     type_name: ClassVar[str] = "int4_weight_only"
+    exact_fp32: bool = False
 
 
 @register_config
@@ -169,6 +176,7 @@ class IntxWeightOnlyConfig(_GroupedConfig):
 
     type_name: ClassVar[str] = "intx_weight_only"
     bits: int = 3
+    exact_fp32: bool = False  # see Int4WeightOnlyConfig
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -196,23 +204,43 @@ class Int8DynamicActivationInt4WeightConfig(_GroupedConfig):
     type_name: ClassVar[str] = "w4a8"
 
 
-def int8_weight_only(group_size: Optional[int] = None, pad_policy: str = "pad") -> Int8WeightOnlyConfig:
-    return Int8WeightOnlyConfig(group_size=group_size, pad_policy=pad_policy)
+def int8_weight_only(
+    group_size: Optional[int] = None, pad_policy: str = "pad", exact_fp32: bool = False
+) -> Int8WeightOnlyConfig:
+    return Int8WeightOnlyConfig(group_size=group_size, pad_policy=pad_policy, exact_fp32=exact_fp32)
 
 
 def int4_weight_only(
-    group_size: int = 128, symmetric: bool = False, zero_point_domain: str = "int", pad_policy: str = "pad"
+    group_size: int = 128,
+    symmetric: bool = False,
+    zero_point_domain: str = "int",
+    pad_policy: str = "pad",
+    exact_fp32: bool = False,
 ) -> Int4WeightOnlyConfig:
     return Int4WeightOnlyConfig(
-        group_size=group_size, symmetric=symmetric, zero_point_domain=zero_point_domain, pad_policy=pad_policy
+        group_size=group_size,
+        symmetric=symmetric,
+        zero_point_domain=zero_point_domain,
+        pad_policy=pad_policy,
+        exact_fp32=exact_fp32,
     )
 
 
 def intx_weight_only(
-    bits: int, group_size: int = 128, symmetric: bool = False, zero_point_domain: str = "int", pad_policy: str = "pad"
+    bits: int,
+    group_size: int = 128,
+    symmetric: bool = False,
+    zero_point_domain: str = "int",
+    pad_policy: str = "pad",
+    exact_fp32: bool = False,
 ) -> IntxWeightOnlyConfig:
     return IntxWeightOnlyConfig(
-        bits=bits, group_size=group_size, symmetric=symmetric, zero_point_domain=zero_point_domain, pad_policy=pad_policy
+        bits=bits,
+        group_size=group_size,
+        symmetric=symmetric,
+        zero_point_domain=zero_point_domain,
+        pad_policy=pad_policy,
+        exact_fp32=exact_fp32,
     )
 
 

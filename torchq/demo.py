@@ -32,7 +32,9 @@ from typing import Callable, Optional
 
 import torch
 
-from ._vocab import SCHEME_NAMES, config_from_scheme
+from .schemes_vocab import config_from_scheme, scheme_names
+
+SCHEME_NAMES = tuple(scheme_names())
 from .api import quantize_
 from .bench import bench, linear_dispatch_overhead
 from .eval import ReferenceLogProbs, default_text, evaluate, token_windows

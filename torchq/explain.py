@@ -30,8 +30,19 @@ def explain_rows(model: nn.Module) -> list[dict]:
     return rows
 
 
+def _kernel_note(name: str) -> str:
+    """A kernel's numerics string (host-independent, so the table is reproducible)."""
+    from .kernels.registry import get_kernel
+
+    try:
+        return get_kernel(name).numerics
+    except KeyError:
+        return "unknown kernel"
+
+
 def explain(model: nn.Module, print_table: bool = True) -> str:
-    """A table of every quantized layer: scheme, layout, kernel, weight bytes. Printed and returned.
+    """A table of every quantized layer: scheme, layout, kernel, weight bytes, then one line per
+    kernel used with its numerics (what precision activations are computed in). Printed and returned.
 
     A weight shared by several modules (tied embedding / LM head) is listed under each but
     counted once in the total.
@@ -50,6 +61,8 @@ def explain(model: nn.Module, print_table: bool = True) -> str:
             seen.add(id(w))
             total += w.nbytes_quantized
     lines.append(f"{len(rows)} quantized modules, {total} bytes of quantized weights")
+    for name in sorted({r["kernel"] for r in rows}):
+        lines.append(f"{name}: {_kernel_note(name)}")
     text = "\n".join(lines)
     if print_table:
         print(text)

@@ -61,8 +61,10 @@ def resolve_group(k: int, group_size: Optional[int], pad_policy: str) -> tuple[O
 
 def _affine(weight: torch.Tensor, config, scheme: str, bits: int, group_size, symmetric: bool, domain: str):
     g, note = resolve_group(weight.shape[1], group_size, getattr(config, "pad_policy", "pad"))
+    numerics = "exact" if getattr(config, "exact_fp32", False) else "auto"
     t = AffineQuantizedTensor.from_float(
-        weight, scheme=scheme, bits=bits, group_size=g, symmetric=symmetric, zero_point_domain=domain
+        weight, scheme=scheme, bits=bits, group_size=g, symmetric=symmetric, zero_point_domain=domain,
+        numerics=numerics,
     )
     return t, note
 

@@ -28,6 +28,8 @@ __all__ = [
     "load_file",
     "flatten_state_dict",
     "unflatten_state_dict",
+    "read_header",
+    "rebuild_entry",
     "HEADER_KEY",
     "SEPARATOR",
 ]
@@ -95,37 +97,58 @@ def _identity(value: torch.Tensor) -> Any:
 
 def unflatten_state_dict(flat: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]]) -> dict[str, torch.Tensor]:
     """Inverse of :func:`flatten_state_dict`."""
-    if not metadata or HEADER_KEY not in metadata:
+    header = read_header(metadata)
+    if header is None:
         return dict(flat)
+    out: dict[str, torch.Tensor] = {}
+    consumed = set()
+    for key, meta in header["entries"].items():
+        tensors = {}
+        for name in meta["tensors"]:
+            fk = f"{key}{SEPARATOR}{name}"
+            if fk not in flat:
+                raise ValueError(f"{key}: file is missing tensor {fk!r}")
+            tensors[name] = flat[fk]
+            consumed.add(fk)
+        out[key] = rebuild_entry(key, meta, tensors)
+    for key, t in flat.items():
+        # A plain tensor under an entry's own name is a guard (written by the transformers
+        # integration so that loading without torchq fails), not data.
+        if key not in consumed and key not in header["entries"]:
+            out[key] = t
+    for key, target in header.get("aliases", {}).items():
+        out[key] = out[target]
+    return out
+
+
+def read_header(metadata: Optional[Mapping[str, str]]) -> Optional[dict[str, Any]]:
+    """The torchq header of a safetensors file's metadata (None if the file has none)."""
+    if not metadata or HEADER_KEY not in metadata:
+        return None
     header = json.loads(metadata[HEADER_KEY])
     if header.get("container_version") != CONTAINER_VERSION:
         raise ValueError(
             f"torchq safetensors container version {header.get('container_version')} is not supported "
             f"(this torchq reads {CONTAINER_VERSION}); upgrade torchq"
         )
-    out: dict[str, torch.Tensor] = {}
-    consumed = set()
-    for key, meta in header["entries"].items():
-        fmt = meta.get("format")
-        if fmt not in _FORMATS:
-            raise ValueError(f"{key}: unknown torchq tensor format {fmt!r}; known: {sorted(_FORMATS)}")
-        state = {k: (tuple(v) if isinstance(v, list) else v) for k, v in meta.items() if k != "tensors"}
-        for name in meta["tensors"]:
-            fk = f"{key}{SEPARATOR}{name}"
-            if fk not in flat:
-                raise ValueError(f"{key}: file is missing tensor {fk!r}")
-            state[name] = flat[fk]
-            consumed.add(fk)
-        try:
-            out[key] = _FORMATS[fmt].from_checkpoint_state(state)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"{key}: {e}") from e
-    for key, t in flat.items():
-        if key not in consumed:
-            out[key] = t
-    for key, target in header.get("aliases", {}).items():
-        out[key] = out[target]
-    return out
+    return header
+
+
+def rebuild_entry(key: str, meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """One quantized tensor from its header entry ``meta`` and its inner ``tensors`` by name."""
+    fmt = meta.get("format")
+    if fmt not in _FORMATS:
+        raise ValueError(f"{key}: unknown torchq tensor format {fmt!r}; known: {sorted(_FORMATS)}")
+    missing = sorted(set(meta["tensors"]) - set(tensors))
+    if missing:
+        raise ValueError(f"{key}: checkpoint is missing inner tensor(s) {missing}")
+    state = {k: (tuple(v) if isinstance(v, list) else v) for k, v in meta.items() if k != "tensors"}
+    for name in meta["tensors"]:
+        state[name] = tensors[name]
+    try:
+        return _FORMATS[fmt].from_checkpoint_state(state)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{key}: {e}") from e
 
 
 def save_file(state_dict: Mapping[str, torch.Tensor], filename: str, metadata: Optional[dict[str, str]] = None) -> None:

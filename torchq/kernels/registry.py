@@ -56,12 +56,14 @@ class LinearKernel:
 
 
 _KERNELS: dict[str, dict[str, LinearKernel]] = {}
+_BY_NAME: dict[str, LinearKernel] = {}  # flat index: get_kernel runs on every linear call
 _PREFERRED: list[Optional[str]] = [None]
 
 
 def register_kernel(kernel: LinearKernel) -> LinearKernel:
     """Add a kernel; a second registration with the same name replaces the first."""
     _KERNELS.setdefault(kernel.scheme, {})[kernel.name] = kernel
+    _BY_NAME[kernel.name] = kernel
     return kernel
 
 
@@ -71,11 +73,10 @@ def kernels_for(scheme: str) -> list[LinearKernel]:
 
 
 def get_kernel(name: str) -> LinearKernel:
-    for table in _KERNELS.values():
-        if name in table:
-            return table[name]
-    known = sorted(n for t in _KERNELS.values() for n in t)
-    raise KeyError(f"no kernel named {name!r}; registered: {known}")
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"no kernel named {name!r}; registered: {sorted(_BY_NAME)}") from None
 
 
 def _preference() -> Optional[str]:

@@ -108,18 +108,22 @@ def _reduce_blocks(x: torch.Tensor, block_size: Sequence[int], op: str) -> torch
     return out.reshape(grid)
 
 
-def _expand_blocks(p: torch.Tensor, block_size: Sequence[int]) -> torch.Tensor:
-    """Broadcast a block-grid tensor back to the full shape."""
-    for dim, b in enumerate(block_size):
-        if b != 1:
-            p = p.repeat_interleave(b, dim=dim)
-    return p
+def _per_block(p: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """View a block-grid tensor so it broadcasts against the (n0, b0, n1, b1, ...) view."""
+    return p.float().reshape([d for g in grid for d in (g, 1)])
 
 
-def _check_finite(x: torch.Tensor) -> None:
+def _check_floating(x: torch.Tensor) -> None:
     if not x.is_floating_point():
         raise TypeError(f"expected a floating-point tensor to quantize, got dtype {x.dtype}")
-    if x.numel() and not bool(torch.isfinite(x).all()):
+
+
+def _check_stats_finite(x: torch.Tensor, *stats: torch.Tensor) -> None:
+    """NaN/Inf in a block always reach its min/max/amax, so checking those costs no extra
+    pass over the weight."""
+    if x.device.type == "meta":  # shapes only (skeleton models): nothing to check
+        return
+    if not all(bool(torch.isfinite(st).all()) for st in stats):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"tensor contains {bad} NaN/Inf value(s); quantization needs finite values, clean the weights first")
 
@@ -132,16 +136,18 @@ def choose_qparams_affine(
     zero_point_domain: ZeroPointDomain,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Scale (fp32) and zero point per block. Zero point: None, int8 (INT) or fp32 (FLOAT)."""
-    _check_finite(x)
+    _check_floating(x)
     zero_point_domain = ZeroPointDomain(zero_point_domain)
     xf = x.float()
     levels = float(quant_max - quant_min)
     if zero_point_domain is ZeroPointDomain.NONE:
         amax = _reduce_blocks(xf, block_size, "amax")
+        _check_stats_finite(xf, amax)
         scale = amax / (levels / 2)
         return torch.where(scale == 0, torch.ones_like(scale), scale), None
     mn = _reduce_blocks(xf, block_size, "min")
     mx = _reduce_blocks(xf, block_size, "max")
+    _check_stats_finite(xf, mn, mx)
     if zero_point_domain is ZeroPointDomain.INT:
         mn = torch.clamp(mn, max=0.0)
         mx = torch.clamp(mx, min=0.0)
@@ -166,15 +172,15 @@ def quantize_affine(
 ) -> torch.Tensor:
     """Integer codes (int8 storage) for ``x`` given its qparams."""
     zero_point_domain = ZeroPointDomain(zero_point_domain)
-    xf = x.float()
-    s = _expand_blocks(scale.float(), block_size)
+    xb, grid = _blocked(x.float(), block_size)
+    s = _per_block(scale, grid)
     if zero_point_domain is ZeroPointDomain.NONE:
-        q = torch.round(xf / s)
+        q = torch.round(xb / s)
     elif zero_point_domain is ZeroPointDomain.INT:
-        q = torch.round(xf / s) + _expand_blocks(zero_point.float(), block_size)
+        q = torch.round(xb / s).add_(_per_block(zero_point, grid))
     else:
-        q = torch.round((xf - _expand_blocks(zero_point.float(), block_size)) / s)
-    return torch.clamp(q, quant_min, quant_max).to(torch.int8)
+        q = torch.round((xb - _per_block(zero_point, grid)) / s)
+    return q.clamp_(quant_min, quant_max).to(torch.int8).reshape(x.shape)
 
 
 def dequantize_affine(
@@ -187,15 +193,15 @@ def dequantize_affine(
 ) -> torch.Tensor:
     """Float values of integer codes ``q``; computed in fp32, then cast to ``output_dtype``."""
     zero_point_domain = ZeroPointDomain(zero_point_domain)
-    qf = q.float()
-    s = _expand_blocks(scale.float(), block_size)
+    qb, grid = _blocked(q.float(), block_size)
+    s = _per_block(scale, grid)
     if zero_point_domain is ZeroPointDomain.NONE:
-        w = qf * s
+        w = qb * s
     elif zero_point_domain is ZeroPointDomain.INT:
-        w = (qf - _expand_blocks(zero_point.float(), block_size)) * s
+        w = (qb - _per_block(zero_point, grid)) * s
     else:
-        w = qf * s + _expand_blocks(zero_point.float(), block_size)
-    return w.to(output_dtype)
+        w = qb * s + _per_block(zero_point, grid)
+    return w.reshape(q.shape).to(output_dtype)
 
 
 def fake_quantize_affine(

@@ -33,12 +33,17 @@ from ..primitives.affine import (
     quantize_affine,
 )
 from .base import TorchqTensor
+from .common import copy_same_format, embedding_arguments, slice_bounds
 from ..serialization import register_format
 from .layouts import canonical_from_codes, codes_from_canonical, get_layout
 
 __all__ = ["AffineQuantizedTensor", "SCHEMES", "FORMAT_NAME", "FORMAT_VERSION"]
 
 aten = torch.ops.aten
+
+#: ``numerics`` meta field: "auto" lets kernels use their documented faster arithmetic from
+#: a row count up (see each LinearKernel.numerics); "exact" keeps fp32 at every M.
+NUMERICS = ("auto", "exact")
 
 FORMAT_NAME = "torchq.affine"
 FORMAT_VERSION = 1
@@ -69,6 +74,7 @@ class AffineQuantizedTensor(TorchqTensor):
         "padded_in_features",
         "quant_layout",
         "kernel",
+        "numerics",
     )
 
     # ------------------------------------------------------------------ building
@@ -82,8 +88,11 @@ class AffineQuantizedTensor(TorchqTensor):
         group_size: Optional[int],
         symmetric: bool,
         zero_point_domain: ZeroPointDomain | str | None = None,
+        numerics: str = "auto",
     ) -> "AffineQuantizedTensor":
         """Quantize a float ``(N, K)`` weight. ``group_size=None`` means per output channel.
+        ``numerics``: ``"auto"`` lets kernels use their documented faster arithmetic for large
+        M (e.g. bf16 GEMM on AVX512-BF16 CPUs); ``"exact"`` keeps fp32 at every M.
 
         K is zero-padded up to a multiple of ``group_size``; the padded columns get codes
         but never contribute (activations are padded with zeros).
@@ -120,6 +129,7 @@ class AffineQuantizedTensor(TorchqTensor):
             quant_min=qmin,
             quant_max=qmax,
             zero_point_domain=domain,
+            numerics=numerics,
         )
 
     @classmethod
@@ -139,6 +149,7 @@ class AffineQuantizedTensor(TorchqTensor):
         zero_point_domain: ZeroPointDomain | str,
         act_scale: Optional[torch.Tensor] = None,
         perm: Optional[torch.Tensor] = None,
+        numerics: str = "auto",
     ) -> "AffineQuantizedTensor":
         """Build from signed integer codes ``(N, K_padded)`` and qparams ``(N, groups)``.
 
@@ -158,6 +169,7 @@ class AffineQuantizedTensor(TorchqTensor):
             quant_max=quant_max,
             zero_point_domain=ZeroPointDomain(zero_point_domain).value,
             padded_in_features=codes.shape[1],
+            numerics=numerics,
         )
 
     @classmethod
@@ -166,6 +178,9 @@ class AffineQuantizedTensor(TorchqTensor):
         meta = dict(meta)
         meta["quant_layout"] = SCHEMES[meta["scheme"]][1]
         meta["kernel"] = "unselected"
+        meta["numerics"] = meta.get("numerics") or "auto"
+        if meta["numerics"] not in NUMERICS:
+            raise ValueError(f"numerics must be one of {NUMERICS}, got {meta['numerics']!r}")
         fields = {n: tensors.get(n) for n in _TENSOR_FIELDS + _OPTIONAL_FIELDS}
         t = cls(outer_shape=outer_shape, outer_dtype=outer_dtype, device=fields["qdata"].device, **fields, **meta)
         t._validate()
@@ -177,6 +192,9 @@ class AffineQuantizedTensor(TorchqTensor):
         canonical = self.canonical_tensors()
         packed = get_layout(kernel.layout).to_layout(canonical)
         return self._rebuild(**packed, quant_layout=kernel.layout, kernel=kernel.name)
+
+    def _after_device_change(self) -> "AffineQuantizedTensor":
+        return self._with_kernel()
 
     def _validate(self) -> None:
         n, k = self.shape
@@ -257,6 +275,7 @@ class AffineQuantizedTensor(TorchqTensor):
     def __repr__(self) -> str:
         extras = "".join(f", {n}=({getattr(self, n).shape[0]},)" for n in ("act_scale", "perm") if getattr(self, n) is not None)
         pad = f", padded_in_features={self.padded_in_features}" if self.padded_in_features != self.shape[1] else ""
+        extras += ", numerics=exact" if self.numerics == "exact" else ""
         return (
             f"AffineQuantizedTensor(shape={tuple(self.shape)}, dtype={self.dtype}, scheme={self.scheme}, "
             f"bits={self.bits}, group_size={self.group_size}, range=[{self.quant_min}, {self.quant_max}], "
@@ -292,7 +311,8 @@ class AffineQuantizedTensor(TorchqTensor):
                 f"torchq affine tensor format version {state.get('version')} is not supported by this torchq "
                 f"(reads version {FORMAT_VERSION}); upgrade torchq"
             )
-        meta = {n: state[n] for n in cls.meta_fields if n not in ("quant_layout", "kernel")}
+        meta = {n: state[n] for n in cls.meta_fields if n not in ("quant_layout", "kernel", "numerics")}
+        meta["numerics"] = state.get("numerics", "auto")  # absent in checkpoints written before it existed
         tensors = {n: state.get(n) for n in _TENSOR_FIELDS + _OPTIONAL_FIELDS}
         return cls.from_canonical(
             tensors, outer_shape=tuple(state["shape"]), outer_dtype=getattr(torch, state["dtype"]), **meta
@@ -300,7 +320,8 @@ class AffineQuantizedTensor(TorchqTensor):
 
     def format_signature(self) -> dict[str, Any]:
         """What must agree for two tensors to hold interchangeable data."""
-        sig = {n: getattr(self, n) for n in self.meta_fields if n not in ("quant_layout", "kernel")}
+        # numerics is how kernels may compute, not part of the data
+        sig = {n: getattr(self, n) for n in self.meta_fields if n not in ("quant_layout", "kernel", "numerics")}
         sig["shape"] = tuple(self.shape)
         sig["optional"] = tuple(n for n in _OPTIONAL_FIELDS if getattr(self, n) is not None)
         return sig
@@ -345,25 +366,20 @@ def _f_linear(func, types, args, kwargs):
 
 @AffineQuantizedTensor.implements_function(F.embedding)
 def _f_embedding(func, types, args, kwargs):
-    names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
-    bound = dict(zip(names, args))
-    bound.update(kwargs)
-    if bound.get("max_norm") is not None:
-        raise NotImplementedError("F.embedding with max_norm would renormalize quantized rows in place; not supported")
-    return embedding_lookup(bound["input"], bound["weight"])
+    return embedding_lookup(*embedding_arguments(args, kwargs))
 
 
 def embedding_lookup(indices: torch.Tensor, weight: AffineQuantizedTensor) -> torch.Tensor:
     """Rows ``weight[indices]`` dequantized to ``weight.dtype`` (only the rows looked up)."""
     if weight.perm is not None or weight.act_scale is not None:
         raise NotImplementedError("embedding lookup of a weight with perm/act_scale is not supported")
-    c = weight.canonical_tensors()
     flat = indices.reshape(-1)
-    rows = c["qdata"].index_select(0, flat)
-    codes = codes_from_canonical(get_layout(weight.quant_layout).canonical, rows, weight.quant_min)
-    zero = c["zero_point"].index_select(0, flat) if c["zero_point"] is not None else None
+    layout = get_layout(weight.quant_layout)
+    fields = {n: getattr(weight, n) for n in _TENSOR_FIELDS + _OPTIONAL_FIELDS}
+    c = layout.canonical_rows(fields, flat)  # only the rows looked up
+    codes = codes_from_canonical(layout.canonical, c["qdata"], weight.quant_min)
     vals = dequantize_affine(
-        codes, (1, weight.group_size), c["scale"].index_select(0, flat), zero, weight.zero_point_domain, weight.dtype
+        codes, (1, weight.group_size), c["scale"], c["zero_point"], weight.zero_point_domain, weight.dtype
     )
     return vals[:, : weight.shape[1]].reshape(*indices.shape, weight.shape[1])
 
@@ -376,42 +392,14 @@ def _aten_embedding(func, types, args, kwargs):
 # ---------------------------------------------------------------------- copy_ / slicing
 @AffineQuantizedTensor.implements(aten.copy_.default)
 def _copy_(func, types, args, kwargs):
-    dst, src = args[0], args[1]
-    if not isinstance(dst, AffineQuantizedTensor):
-        raise TypeError(
-            f"cannot copy a quantized tensor {tuple(src.shape)} into a float tensor: load the checkpoint with "
-            "load_state_dict(..., assign=True), or quantize the model the same way before loading"
-        )
-    if not isinstance(src, AffineQuantizedTensor):
-        raise TypeError(
-            f"cannot copy a float tensor {tuple(src.shape)} into a quantized weight {tuple(dst.shape)}: this "
-            "checkpoint is not quantized; load it into the float model and call torchq.quantize_ afterwards"
-        )
-    a, b = dst.format_signature(), src.format_signature()
-    if a != b:
-        diff = {k: (a[k], b.get(k)) for k in a if a[k] != b.get(k)}
-        raise ValueError(
-            "quantized formats differ (model vs checkpoint): "
-            + ", ".join(f"{k}: {v[0]} vs {v[1]}" for k, v in diff.items())
-        )
-    incoming = get_layout(dst.quant_layout).to_layout(src.canonical_tensors())
-    for name in _TENSOR_FIELDS + _OPTIONAL_FIELDS:
-        target = getattr(dst, name)
-        if target is not None:
-            target.copy_(incoming[name])
-    return dst
+    return copy_same_format(args[0], args[1], AffineQuantizedTensor)
 
 
 @AffineQuantizedTensor.implements(aten.slice.Tensor)
 def _slice(func, types, args, kwargs):
-    self, dim, start, end, step = (list(args) + [0, None, None, 1])[:5]
+    self = args[0]
     n, k = self.shape
-    dim = dim % 2
-    size = (n, k)[dim]
-    start = 0 if start is None else min(max(start + size if start < 0 else start, 0), size)
-    end = size if end is None else min(max(end + size if end < 0 else end, 0), size)
-    if step != 1:
-        raise NotImplementedError("slicing a quantized weight with step != 1 is not supported")
+    dim, start, end = slice_bounds(args, (n, k))
     c = self.canonical_tensors()
     if dim == 0:
         sub = {key: (v[start:end] if v is not None and key in ("qdata", "scale", "zero_point") else v) for key, v in c.items()}
@@ -440,3 +428,61 @@ def _from_slice(t: AffineQuantizedTensor, tensors: dict, shape: tuple[int, int],
 
 
 register_format(FORMAT_NAME, AffineQuantizedTensor, _rebuild_affine_quantized)
+
+
+# ---------------------------------------------------------------------- transposed use: x @ w.t()
+class TransposedQuantizedWeight(TorchqTensor):
+    """``w.t()`` of a quantized weight: shape ``(K, N)``, only good as the right operand of
+    ``mm`` / ``addmm`` / ``matmul`` (the aten path of ``x @ w.t()``), which run the same kernel
+    as ``F.linear(x, w)``. Transposing back returns the weight itself."""
+
+    tensor_fields = ("base",)
+
+    def __repr__(self) -> str:
+        return f"TransposedQuantizedWeight(shape={tuple(self.shape)}, base={self.base!r})"
+
+    @property
+    def nbytes_quantized(self) -> int:
+        return self.base.nbytes_quantized
+
+
+def _transposed(base: TorchqTensor) -> TransposedQuantizedWeight:
+    n, k = base.shape
+    return TransposedQuantizedWeight(outer_shape=(k, n), outer_dtype=base.dtype, device=base.device, base=base)
+
+
+def _is_swap(args) -> bool:
+    if args[0].dim() != 2:
+        return False
+    if len(args) == 1:  # aten.t
+        return True
+    dims = args[1:] if len(args) > 2 else args[1]
+    return sorted(int(d) % 2 for d in (dims if isinstance(dims, (list, tuple)) else [dims])) == [0, 1]
+
+
+@AffineQuantizedTensor.implements([aten.t.default, aten.transpose.int, aten.permute.default])
+@TransposedQuantizedWeight.implements([aten.t.default, aten.transpose.int, aten.permute.default])
+def _transpose(func, types, args, kwargs):
+    self = args[0]
+    if not _is_swap(args):
+        raise NotImplementedError(f"{type(self).__name__} supports only swapping its two dims, got {func}{args[1:]}")
+    # always a fresh wrapper (a view op must not return an existing tensor)
+    return self.base._map_tensors(lambda t: t) if isinstance(self, TransposedQuantizedWeight) else _transposed(self)
+
+
+@TransposedQuantizedWeight.implements(aten.mm.default)
+def _mm(func, types, args, kwargs):
+    x, wt = args
+    if not isinstance(wt, TransposedQuantizedWeight) or isinstance(x, TorchqTensor):
+        raise NotImplementedError("a transposed quantized weight can only be the right operand of mm")
+    return quantized_linear(x, wt.base, None)
+
+
+@TransposedQuantizedWeight.implements(aten.addmm.default)
+def _addmm(func, types, args, kwargs):
+    bias, x, wt = args
+    if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1 or not isinstance(wt, TransposedQuantizedWeight):
+        raise NotImplementedError("addmm with a quantized weight supports only bias + x @ w.t() (alpha = beta = 1)")
+    if bias.dim() == 2 and bias.shape[0] != 1:
+        return quantized_linear(x, wt.base, None) + bias
+    return quantized_linear(x, wt.base, bias.reshape(-1))

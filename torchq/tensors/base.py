@@ -68,6 +68,10 @@ class TorchqTensor(torch.Tensor):
             outer_shape=self.shape, outer_dtype=outer_dtype or self.dtype, device=first.device, **kw
         )
 
+    def _after_device_change(self) -> "TorchqTensor":
+        """Hook run after the inner tensors moved to another device; subclasses re-select kernels."""
+        return self
+
     def _map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor], **changes: Any) -> "TorchqTensor":
         mapped = {
             n: (fn(getattr(self, n)) if getattr(self, n) is not None else None)
@@ -107,6 +111,7 @@ class TorchqTensor(torch.Tensor):
         def decorator(fn):
             for op in ops:
                 cls._dispatch_table[op] = fn
+            _clear_lookup_caches()
             return fn
 
         return decorator
@@ -119,12 +124,26 @@ class TorchqTensor(torch.Tensor):
         def decorator(fn):
             for f in funcs:
                 cls._function_table[f] = fn
+            _clear_lookup_caches()
             return fn
 
         return decorator
 
     @classmethod
     def _lookup(cls, table: str, func) -> Optional[Callable]:
+        cache = cls.__dict__.get("_resolved")
+        if cache is None:
+            cache = {}
+            setattr(cls, "_resolved", cache)
+        key = (table, func)
+        if key in cache:
+            return cache[key]
+        impl = cls._lookup_uncached(table, func)
+        cache[key] = impl
+        return impl
+
+    @classmethod
+    def _lookup_uncached(cls, table: str, func) -> Optional[Callable]:
         for klass in cls.__mro__:
             entries = klass.__dict__.get(table)
             if entries is None:
@@ -168,6 +187,15 @@ class TorchqTensor(torch.Tensor):
         return impl(func, types, args, kwargs)
 
 
+def _clear_lookup_caches() -> None:
+    """Registration may change what a subclass resolves to: drop every resolved-lookup cache."""
+    stack = [TorchqTensor]
+    while stack:
+        klass = stack.pop()
+        klass.__dict__.get("_resolved", {}).clear()
+        stack.extend(klass.__subclasses__())
+
+
 # ---------------------------------------------------------------------- shared ops
 def _first_subclass_arg(args) -> TorchqTensor:
     for a in args:
@@ -188,18 +216,35 @@ def _clone(func, types, args, kwargs):
     return return_and_correct_aliasing(func, args, kwargs, self._map_tensors(lambda t: t.clone()))
 
 
+def _moved(self: "TorchqTensor", out: "TorchqTensor", device, dtype) -> "TorchqTensor":
+    """Finish a copy/move: set the outer dtype and let the class re-pick its kernel when
+    the device changed (a kernel chosen for one device may not run on another)."""
+    if dtype is not None and dtype != self.dtype:
+        if not dtype.is_floating_point:
+            raise TypeError(f"{type(self).__name__} can only be cast to a floating dtype, got {dtype}")
+        out = out._rebuild(outer_dtype=dtype)
+    if device is not None and torch.device(device) != self.device:
+        out = out._after_device_change()
+    return out
+
+
 @TorchqTensor.implements(aten._to_copy.default)
 def _to_copy(func, types, args, kwargs):
     """``.to(device)`` moves inner tensors; ``.to(dtype)`` changes the outer (compute) dtype only."""
     self = args[0]
     device = kwargs.get("device")
-    dtype = kwargs.get("dtype")
     moved = self._map_tensors(lambda t: t.to(device) if device is not None else t.clone())
-    if dtype is not None:
-        if not dtype.is_floating_point:
-            raise TypeError(f"{type(self).__name__} can only be cast to a floating dtype, got {dtype}")
-        moved = moved._rebuild(outer_dtype=dtype)
-    return moved
+    return _moved(self, moved, device, kwargs.get("dtype"))
+
+
+@TorchqTensor.implements(aten.empty_like.default)
+def _empty_like(func, types, args, kwargs):
+    """Same class and format with uninitialized inner tensors: what ``Module.to_empty``
+    (meta-device skeleton -> real device) needs. Load a checkpoint into it afterwards."""
+    self = args[0]
+    device = kwargs.get("device")
+    out = self._map_tensors(lambda t: torch.empty_like(t, device=device if device is not None else t.device))
+    return _moved(self, out, device, kwargs.get("dtype"))
 
 
 @TorchqTensor.implements([aten.is_same_size.default])

@@ -23,6 +23,7 @@ from ..primitives.packing import pack_int4, unpack_int4
 __all__ = ["Layout", "register_layout", "get_layout", "layout_names", "PLAIN_INT8", "PACKED_INT4"]
 
 Fields = dict[str, Optional[torch.Tensor]]
+_ROW_FIELDS = ("qdata", "scale", "zero_point")
 
 
 def _identity(fields: Fields) -> Fields:
@@ -38,10 +39,20 @@ class Layout:
     description: str
     to_layout: Callable[[Fields], Fields] = _identity
     to_canonical: Callable[[Fields], Fields] = _identity
+    # optional: (fields, row index) -> canonical qdata/scale/zero_point of those rows only
+    rows_to_canonical: Optional[Callable[[Fields, torch.Tensor], Fields]] = None
 
     @property
     def is_canonical(self) -> bool:
         return self.name == self.canonical
+
+    def canonical_rows(self, fields: Fields, index: torch.Tensor) -> Fields:
+        """Canonical ``qdata`` / ``scale`` / ``zero_point`` of rows ``index`` (embedding
+        lookups): without converting the whole tensor when the layout can gather rows."""
+        if self.rows_to_canonical is not None:
+            return self.rows_to_canonical(fields, index)
+        c = self.to_canonical(fields)
+        return {k: (v.index_select(0, index) if v is not None else None) for k, v in c.items() if k in _ROW_FIELDS}
 
 
 _LAYOUTS: dict[str, Layout] = {}

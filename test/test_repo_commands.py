@@ -1,0 +1,17 @@
+"""The README's test command is exactly what CI runs."""
+
+import pathlib
+import re
+
+ROOT = pathlib.Path(__file__).parent.parent
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)
+    assert len(blocks) >= 2, "README must open with the demo and the test command"
+    test_command = blocks[1].strip()
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith(("#", "set ", "cd "))]
+    assert ci == [test_command]
+    for command in blocks[:2]:
+        assert command.startswith("pip install torch==2.13.0 && "), "torch must be installed first from the pinned CPU wheel"

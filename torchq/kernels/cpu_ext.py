@@ -1,0 +1,174 @@
+"""Build, load and configure torchq's C++ CPU kernels (``torch.ops.torchq.*``).
+
+The sources in ``csrc/`` are compiled on first use with
+``torch.utils.cpp_extension.load`` (ninja) into a cache directory keyed by a hash of the
+sources, the compiler flags and the torch / Python versions:
+``$TORCH_EXTENSIONS_DIR/torchq_cpu_<hash>`` if that variable is set, else
+``~/.cache/torchq/torchq_cpu_<hash>``. Later processes load the cached library directly.
+It is built with ``-O3 -fopenmp`` (and linked with OpenMP) so that ``at::parallel_for``
+really runs on all ``torch.get_num_threads()`` threads.
+
+One build runs on any x86-64 machine: per-ISA units (AVX-512 with VNNI, AVX2 + FMA + F16C,
+portable) are chosen at run time from ``cpuid``. ``TORCHQ_ISA=avx512|avx2|scalar`` forces
+a path (an error if this CPU lacks it); :func:`force_isa` does the same in a ``with``
+block. If the build fails, torchq warns once and the reference kernels are used
+(:func:`available` returns False).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sys
+import threading
+import warnings
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+__all__ = ["available", "load", "build_error", "ISAS", "supported_isas", "current_isa", "set_isa", "force_isa"]
+
+ISAS = ("scalar", "avx2", "avx512")
+_CSRC = Path(__file__).with_name("csrc")
+_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-Wno-unknown-pragmas"]
+_LDFLAGS = ["-fopenmp"]
+
+_lock = threading.Lock()
+_state: dict = {"loaded": False, "error": None}
+
+
+def _sources() -> list[Path]:
+    return sorted(p for p in _CSRC.iterdir() if p.suffix in (".cpp", ".h"))
+
+
+def _build_key() -> str:
+    h = hashlib.sha256()
+    for p in _sources():
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    h.update(" ".join(_CFLAGS + _LDFLAGS).encode())
+    h.update(torch.__version__.encode())
+    h.update(sys.version.split()[0].encode())
+    return h.hexdigest()[:16]
+
+
+def _build_dir(name: str) -> Path:
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    base = Path(root) if root else Path.home() / ".cache" / "torchq"
+    return base / name
+
+
+def _load() -> None:
+    name = f"torchq_cpu_{_build_key()}"
+    build_dir = _build_dir(name)
+    lib = build_dir / f"{name}.so"
+    if lib.exists():
+        torch.ops.load_library(str(lib))
+    else:
+        from torch.utils import cpp_extension
+
+        build_dir.mkdir(parents=True, exist_ok=True)
+        cpp_extension.load(
+            name=name,
+            sources=[str(p) for p in _sources() if p.suffix == ".cpp"],
+            extra_cflags=_CFLAGS,
+            extra_ldflags=_LDFLAGS,
+            build_directory=str(build_dir),
+            is_python_module=False,
+            verbose=bool(os.environ.get("TORCHQ_BUILD_VERBOSE")),
+        )
+    from . import cpu_ops  # noqa: F401  (fake implementations for torch.compile)
+
+
+def _apply_env_isa() -> None:
+    env = os.environ.get("TORCHQ_ISA")
+    if env:
+        set_isa(env.strip().lower())
+
+
+def load() -> None:
+    """Build (first time) and load the extension, then apply ``TORCHQ_ISA``; raises on
+    failure (a bad ``TORCHQ_ISA`` raises every time it is consulted)."""
+    with _lock:
+        if _state["loaded"]:
+            return
+        if _state["error"] is not None:
+            raise RuntimeError("torchq C++ kernels failed to build earlier") from _state["error"]
+        if not _state.get("library"):
+            _load()
+            _state["library"] = True
+        _apply_env_isa()
+        _state["loaded"] = True
+
+
+def available() -> bool:
+    """True when the C++ kernels are built and loaded. A failed build warns once and
+    returns False ever after (the reference kernels are used). A ``TORCHQ_ISA`` this CPU
+    cannot run raises: forcing a path is an explicit request."""
+    if _state["loaded"]:
+        return True
+    if _state["error"] is not None:
+        return False
+    if not _state.get("library"):
+        try:
+            with _lock:
+                if not _state.get("library"):
+                    _load()
+                    _state["library"] = True
+        except Exception as e:  # noqa: BLE001 - any build/load failure means: use the references
+            _state["error"] = e
+            warnings.warn(
+                f"torchq: building the C++ CPU kernels failed ({type(e).__name__}: {str(e).strip()[:2000]}); "
+                "falling back to the plain-PyTorch reference kernels (slow). Set TORCHQ_BUILD_VERBOSE=1 for the "
+                "compiler output; a C++ compiler and ninja are needed.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return False
+    load()
+    return True
+
+
+def build_error() -> Optional[BaseException]:
+    """The exception of a failed build, or None."""
+    return _state["error"]
+
+
+def supported_isas() -> list[str]:
+    """ISA paths this CPU can run, e.g. ``['scalar', 'avx2']``."""
+    load()
+    mask = torch.ops.torchq._supported_isas()
+    return [name for i, name in enumerate(ISAS) if mask & (1 << i)]
+
+
+def current_isa() -> str:
+    """The ISA path the kernels use now."""
+    load()
+    return ISAS[torch.ops.torchq._get_isa()]
+
+
+def set_isa(name: str) -> None:
+    """Use ISA path ``name`` from now on (raises if unknown or unsupported here)."""
+    if not _state.get("library"):
+        load()
+    if name not in ISAS:
+        raise ValueError(f"unknown ISA {name!r}; choose one of {ISAS} (TORCHQ_ISA)")
+    ok = torch.ops.torchq._supported_isas()
+    if not ok & (1 << ISAS.index(name)):
+        have = [n for i, n in enumerate(ISAS) if ok & (1 << i)]
+        raise RuntimeError(f"this CPU does not support the {name!r} kernels (TORCHQ_ISA); supported: {have}")
+    torch.ops.torchq._set_isa(ISAS.index(name))
+
+
+@contextlib.contextmanager
+def force_isa(name: str) -> Iterator[None]:
+    """Within the block, run the ``name`` ISA path (tests, benchmarks)."""
+    load()
+    old = current_isa()
+    set_isa(name)
+    try:
+        yield
+    finally:
+        set_isa(old)

@@ -1,0 +1,81 @@
+"""Give memory back to the OS while quantizing a model that streams in (Linux; no-ops elsewhere).
+
+Two things keep a process's resident size high after a float tensor has been quantized
+and dropped, even though nothing uses the memory any more:
+
+* the C allocator (glibc) keeps freed temporaries in its heap: :func:`release_free_memory`
+  calls ``malloc_trim``;
+* safetensors hands out tensors that are views of a memory-mapped checkpoint, and every
+  page that was read stays resident (and counted in RSS) until the whole file is unmapped,
+  i.e. the whole float checkpoint: :func:`release_file_pages` drops the pages of one
+  consumed tensor (``madvise(MADV_DONTNEED)``; a later read would fault them back in from
+  the file, so this never loses data). It acts only on tensors that lie in a file-backed
+  mapping and only on pages that lie wholly inside the tensor.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import mmap
+from typing import Optional
+
+import torch
+
+__all__ = ["release_free_memory", "release_file_pages"]
+
+_MADV_DONTNEED = 4
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> Optional[ctypes.CDLL]:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
+def release_free_memory() -> None:
+    """Return memory freed by the C allocator to the OS (glibc ``malloc_trim``)."""
+    libc = _libc()
+    trim = getattr(libc, "malloc_trim", None) if libc is not None else None
+    if trim is not None:
+        trim(0)
+
+
+def release_file_pages(t: torch.Tensor) -> bool:
+    """Drop the resident pages of ``t`` if it is a contiguous CPU view of a file mapping.
+
+    Call it only for a tensor whose values are no longer needed from this memory (e.g. a
+    float weight that has been quantized); the file still holds them. Returns whether
+    anything was released.
+    """
+    libc = _libc()
+    if libc is None or getattr(libc, "madvise", None) is None:
+        return False
+    if type(t) is not torch.Tensor or t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
+        return False
+    page = mmap.PAGESIZE
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    lo = -(-start // page) * page
+    hi = (end // page) * page
+    if hi <= lo or not _in_file_mapping(lo, hi):
+        return False
+    return libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), ctypes.c_int(_MADV_DONTNEED)) == 0
+
+
+def _in_file_mapping(lo: int, hi: int) -> bool:
+    """Whether ``[lo, hi)`` lies inside one mapping of a regular file (from /proc/self/maps)."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                start, _, stop = fields[0].partition("-")
+                if int(start, 16) <= lo and hi <= int(stop, 16):
+                    path = fields[5].strip() if len(fields) > 5 else ""
+                    return path.startswith("/") and not path.startswith("/dev/") and not path.endswith("(deleted)")
+    except OSError:
+        pass
+    return False
