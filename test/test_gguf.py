@@ -134,7 +134,7 @@ def test_tiny_llama_weights_and_logits_match_transformers(tiny, caplog):
     assert report.count("Q4_0", "quantized") == 2 * LAYERS
     assert report.count("F32", "float") == 2 * LAYERS + 1
     assert sum("dequantized blk." in r.message and "Q5_0" in r.message for r in caplog.records) == LAYERS
-    assert "dequantized: blk.0.ffn_down.weight (Q5_0)" in str(report)
+    assert "dequantized: blk.0.ffn_down.weight (Q5_0) -> model.layers.0.mlp.down_proj.weight (linear): no lossless" in str(report)
     emb = model.model.embed_tokens.weight
     assert isinstance(emb, torchq.AffineQuantizedTensor)
     if tiny["tied"]:

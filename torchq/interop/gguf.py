@@ -74,7 +74,7 @@ class BlockFormat:
     quant_min: int
     quant_max: int
     zero_point_domain: str
-    decode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]
+    decode: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]]
 
     def describe(self) -> str:
         zero = {"none": "symmetric", "float": "float zero point", "int": "int zero point"}[self.zero_point_domain]
@@ -151,9 +151,9 @@ def _quantized_weight(
 ) -> AffineQuantizedTensor:
     """The torchq weight holding exactly the codes and scales of the file's blocks.
 
-    The canonical bytes are built directly (``from_canonical``; ``from_codes`` would unpack
-    and repack the same codes, 3x slower on a 135M model): lossless either way, and the
-    tests check ``codes()`` against the file's own decoder.
+    The canonical bytes are built directly and handed to ``from_canonical`` (``from_codes``
+    would unpack to one code per byte and pack again: the same result, seconds slower on a
+    135M model); the tests check ``codes()`` and ``dequantize()`` against gguf-py's decoder.
     """
     fmt = BLOCK_FORMATS[ggml_name]
     qdata, scale, zero = decode_blocks(raw, ggml_name, k)
@@ -222,8 +222,9 @@ class GGUFTensorReport:
     hf_name: str
     ggml_type: str
     action: str  # quantized | float | dequantized | unused
-    target: str = ""
-    note: str = ""
+    target: str = ""  # what it became (torchq format or float dtype)
+    kind: str = ""  # linear | embedding | norm | ... (the module that holds it)
+    note: str = ""  # why it was dequantized
 
 
 @dataclass
@@ -239,11 +240,11 @@ class GGUFImportReport:
             for t in self.tensors
             if (ggml_type is None or t.ggml_type == ggml_type)
             and (action is None or t.action == action)
-            and (kind is None or t.note.startswith(kind))
+            and (kind is None or t.kind == kind)
         )
 
     def summary(self) -> str:
-        groups = collections.Counter((t.action, t.ggml_type, t.target, t.note.split(";")[0]) for t in self.tensors)
+        groups = collections.Counter((t.action, t.ggml_type, t.target, t.kind) for t in self.tensors)
         parts = []
         for (action, gtype, target, kind), n in sorted(groups.items(), key=lambda kv: (-kv[1], kv[0])):
             what = {"quantized": f"-> {target}", "float": f"-> {target}", "dequantized": f"DEQUANTIZED -> {target}",
@@ -258,7 +259,7 @@ class GGUFImportReport:
         lines = [self.summary()]
         for t in self.tensors:
             if t.action in ("dequantized", "unused"):
-                lines.append(f"  {t.action}: {t.gguf_name} ({t.ggml_type}) -> {t.hf_name or '-'}  {t.note}")
+                lines.append(f"  {t.action}: {t.gguf_name} ({t.ggml_type}) -> {t.hf_name or '-'} ({t.kind}): {t.note}")
         return "\n".join(lines)
 
 
@@ -435,7 +436,7 @@ def _build_model(f: GGUFFile, dtype, keep_quantized, scale_dtype):
             )
             hf_name = name_map.get(result.name)
             if hf_name is None:
-                report.tensors.append(GGUFTensorReport(tensor.name, "", gtype, "unused"))
+                report.tensors.append(GGUFTensorReport(tensor.name, "", gtype, "unused", note="no model parameter"))
                 continue
             module, leaf = _owner(model, hf_name)
             kind = _kind(module, leaf)
@@ -451,7 +452,7 @@ def _build_model(f: GGUFFile, dtype, keep_quantized, scale_dtype):
                     why = f"transformers rewrites {arch!r} tensors"
                 else:
                     why = "not a linear/embedding weight"
-                entry = GGUFTensorReport(tensor.name, hf_name, gtype, "dequantized", dtype_name, f"{kind}; {why}")
+                entry = GGUFTensorReport(tensor.name, hf_name, gtype, "dequantized", dtype_name, kind, why)
         expected = tuple(getattr(module, leaf).shape)
         if tuple(value.shape) != expected:
             raise ValueError(
