@@ -33,6 +33,7 @@ TODO(hf): when the transformers integration merges, also reload every case throu
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import os
 
@@ -164,40 +165,83 @@ def test_scheme_perplexity_generation_and_reload(name, smol, tmp_path):
     _round_trip(model, smol, tmp_path)
 
 
-KNOWN_KERNEL_GAPS = {
-    # measured 2026-11-22: SmolLM2, 64 tokens, perplexity 25.43 with the C++ W4A8 kernel vs 22.99
-    # with the reference kernel (float 14.07); property tests on random shapes agree, so the gap
-    # is specific to the real model's shapes/activations. Open bug, reported in the session note.
-    "w4a8": "C++ W4A8 kernel is ~10 % worse than its reference on SmolLM2 (open bug)",
-}
+#: tokens for the fast-kernel vs reference-kernel comparison. Per layer the two agree to ~1e-6
+#: (test_kernels_match_references_layer_by_layer), but over 30 layers such differences flip
+#: a few int8 activation roundings and perplexity on short text moves chaotically: W4A8 on one
+#: 64-token window measured 25.4 (C++) vs 23.0 (reference), on 8 x 256 tokens 29.85 vs 29.55
+#: (+1 %). Four full windows keep that noise well inside the 3 % bound.
+COMPARE_WINDOWS = 4
 
 
-@pytest.mark.parametrize(
-    "scheme",
-    [pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_KERNEL_GAPS[n], strict=True)) if n in KNOWN_KERNEL_GAPS else n
-     for n in SCHEME_NAMES],
-)
+@pytest.mark.parametrize("scheme", SCHEME_NAMES)
 def test_every_vocabulary_scheme_quantizes_the_whole_model(scheme, smol):
     """Each command-line scheme with its defaults, tied LM head and embedding included, runs on
-    SmolLM2 and stays a language model (a broken head or embedding gives perplexities in the
-    thousands; measured on this window: int8 x1.03, w8a8 x1.18, int4 g128 x1.65, w4a8 g128 x1.63)."""
+    SmolLM2 and stays a language model whose fast kernels cost no accuracy against the format's
+    own plain-PyTorch reference kernels (issue 5: within 3 %)."""
     config = config_from_scheme(scheme)
     model = copy.deepcopy(smol["fp32"])
     report = torchq.quantize_(model, config)
     assert report.count("skipped") == 0 and report.count("tied") == 1
     assert isinstance(model.model.embed_tokens.weight, torchq.TorchqTensor)
     assert model.model.embed_tokens.weight is model.lm_head.weight
-    ids = smol["windows"][:1, :64]
-    ppl = teval.evaluate(model, ids, progress=False).perplexity
-    float_ppl = teval.evaluate(smol["fp32"], ids, progress=False).perplexity
-    # the same format through the plain-PyTorch reference kernels: the fast kernels must cost
-    # no accuracy against the format's own definition (issue 5: within 3 % of it)
+    ids = smol["windows"][:COMPARE_WINDOWS]
+    ppl = teval.evaluate(model, ids, batch_size=COMPARE_WINDOWS, progress=False).perplexity
+    float_ppl = teval.evaluate(smol["fp32"], ids, batch_size=COMPARE_WINDOWS, progress=False).perplexity
     with prefer_kernels("reference"):
         reference = copy.deepcopy(smol["fp32"])
         torchq.quantize_(reference, config)
-    ref_ppl = teval.evaluate(reference, ids, progress=False).perplexity
-    print(f"\n{scheme} (whole model): perplexity {ppl:.2f} (reference kernels {ref_ppl:.2f}) vs float {float_ppl:.2f}")
+    ref_ppl = teval.evaluate(reference, ids, batch_size=COMPARE_WINDOWS, progress=False).perplexity
+    print(f"\n{scheme} (whole model): perplexity {ppl:.3f} (reference kernels {ref_ppl:.3f}) vs float {float_ppl:.3f}")
     assert ppl <= ref_ppl * 1.03
     # a broken head or embedding gives perplexities in the thousands; bnb-FP4 with the tied head
     # quantized measured x2.4 here (its table is coarse), NF4 and e2m1 less
     assert ppl < 3 * float_ppl
+
+
+def _linear_inputs(model, ids) -> dict[str, torch.Tensor]:
+    """The input each linear layer of ``model`` sees on ``ids`` (first call per layer)."""
+    inputs: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def record(module, args, output):
+            inputs.setdefault(name, args[0].detach().clone())
+
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return inputs
+
+
+@pytest.mark.parametrize("scheme", SCHEME_NAMES)
+def test_kernels_match_references_layer_by_layer(scheme, smol):
+    """On the real model's own activations, every layer's fast kernel equals the reference
+    kernel up to float rounding (measured worst: 1.0e-6 of the output's max for W4A8/W8A8), for
+    prefill (128 tokens, the GEMM paths) and decode (1 token, the GEMV paths). ``exact_fp32``
+    keeps hosts with native bf16 from taking their documented bf16 path at 128 rows."""
+    config = config_from_scheme(scheme)
+    if hasattr(config, "exact_fp32"):
+        config = dataclasses.replace(config, exact_fp32=True)
+    model = copy.deepcopy(smol["fp32"])
+    torchq.quantize_(model, config)
+    with prefer_kernels("reference"):
+        reference = copy.deepcopy(smol["fp32"])
+        torchq.quantize_(reference, config)
+    inputs = _linear_inputs(reference, smol["windows"][:1, :128])
+    fast_layers, ref_layers = dict(model.named_modules()), dict(reference.named_modules())
+    assert len(inputs) == 211
+    kernels = set()
+    for name, x in inputs.items():
+        kernels.add(fast_layers[name].weight.kernel)
+        assert ref_layers[name].weight.kernel.startswith("reference.")
+        for rows in (x, x[:, -1:]):
+            with torch.no_grad():
+                got, want = fast_layers[name](rows), ref_layers[name](rows)
+            err = ((got - want).abs().max() / want.abs().max()).item()
+            assert err < 2e-5, f"{scheme} {name} M={rows.shape[1]}: fast kernel differs from its reference by {err:.2e}"
+    assert not any(k.startswith("reference.") for k in kernels), kernels
