@@ -429,3 +429,34 @@ def test_largest_group_pad_policy_picks_a_dividing_block():
     report = torchq.quantize_(m, torchq.nf4_weight_only(pad_policy="largest_group"))
     assert m[0].weight.block_size == 32 and m[0].weight.padded_in_features == 96
     assert report.layers[0].note == "group 64->32 (K=96)"
+
+
+def test_every_kernel_layout_gathers_embedding_rows_without_untiling():
+    """A tied 49152-row head serves the embedding lookup: converting the whole table back to the
+    canonical layout per call cost 130 ms per token (NF4, SmolLM2). Every kernel layout must
+    gather rows directly; prove the lookup never calls ``to_canonical``."""
+    import torchq.kernels.cpu_codebook4  # noqa: F401  (registers the codebook layouts)
+    from torchq.tensors.layouts import get_layout, layout_names
+
+    kernel_layouts = [get_layout(n) for n in layout_names() if not get_layout(n).is_canonical]
+    assert kernel_layouts
+    missing = [lay.name for lay in kernel_layouts if lay.rows_to_canonical is None]
+    assert not missing, f"kernel layouts without a row gather: {missing}"
+    for dq in (False, True):
+        t = _weight(dq, n=300, k=64)
+        layout = get_layout(t.quant_layout)
+        if layout.is_canonical:
+            pytest.skip("C++ kernels unavailable: weights stay in the canonical layout")
+        idx = torch.tensor([[0, 299, 17], [256, 5, 5]])
+        want = t.dequantize()[idx]
+
+        def refuse(fields):
+            raise AssertionError("embedding lookup untiled the whole table")
+
+        original = layout.to_canonical
+        object.__setattr__(layout, "to_canonical", refuse)
+        try:
+            got = F.embedding(idx, t)
+        finally:
+            object.__setattr__(layout, "to_canonical", original)
+        assert bits_equal(got, want)

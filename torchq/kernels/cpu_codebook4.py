@@ -32,7 +32,7 @@ from ..primitives.codebook import CODEBOOK_FORMATS, codebook_values, dynamic_map
 from ..tensors.layouts import Layout, register_layout
 from . import cpu_ext
 from .cpu_kernels import GEMM_MIN_M
-from .cpu_layouts import _int4_from, _int4_to
+from .cpu_layouts import _int4_from, _int4_rows, _int4_to
 from .registry import LinearKernel, register_kernel
 
 __all__ = ["CODEBOOK4_LAYOUTS", "CODEBOOK4_KERNELS", "codebook4_linear", "KERNEL_CONSTANTS"]
@@ -66,6 +66,12 @@ def _from_tiles(fields: dict) -> dict:
     return out
 
 
+def _rows(fields: dict, index: torch.Tensor) -> dict:
+    """Canonical packed codes (and fp32 scales, unless double-quantized) of rows ``index``
+    only: embedding lookups must not untile a 49152-row table per call."""
+    return _int4_rows({**fields, "zero_point": None}, index)
+
+
 def codebook4_linear(x: torch.Tensor, w, bias):
     """One ``torch.ops.torchq.codebook4_linear`` call (bias fused, output in ``x.dtype``)."""
     if w.double_quant:
@@ -94,6 +100,7 @@ for _scheme in sorted(CODEBOOK_FORMATS):
             f"{_scheme} codes tiled like cpu_int4_tile16, fp32 scales [groups][16] per tile, + table (C++ CPU kernel)",
             partial(_to_tiles, _scheme),
             _from_tiles,
+            _rows,
         )
     )
     CODEBOOK4_KERNELS.append(

@@ -333,18 +333,21 @@ def _aten_embedding(func, types, args, kwargs):
 
 
 def embedding_lookup(indices: torch.Tensor, weight: Codebook4Tensor) -> torch.Tensor:
-    """Rows ``weight[indices]`` dequantized to ``weight.dtype`` (only the rows looked up)."""
-    c = weight.canonical_tensors()
+    """Rows ``weight[indices]`` dequantized to ``weight.dtype`` (only the rows looked up: the
+    layout gathers them without converting the whole table)."""
     flat = indices.reshape(-1)
-    codes = unpack_codes(c["qdata"].index_select(0, flat))
+    fields = {n: getattr(weight, n) for n in _TENSOR_FIELDS + _DATA_FIELDS}
+    rows = get_layout(weight.quant_layout).canonical_rows(fields, flat)
+    codes = unpack_codes(rows["qdata"])
     blocks = weight.padded_in_features // weight.block_size
     if weight.double_quant:
-        # Same elementwise arithmetic as decoding all scales, restricted to these rows.
+        # Second-level statistics are stored canonically in every layout. Same elementwise
+        # arithmetic as decoding all scales, restricted to these rows.
         pos = flat.unsqueeze(1) * blocks + torch.arange(blocks, device=flat.device)
-        q = c["scale_q"].reshape(-1)[pos]
-        scale = dynamic_map(q.device)[q.long()] * c["scale_absmax"][pos // DOUBLE_QUANT_BLOCK] + c["scale_offset"]
+        q = weight.scale_q.reshape(-1)[pos]
+        scale = dynamic_map(q.device)[q.long()] * weight.scale_absmax[pos // DOUBLE_QUANT_BLOCK] + weight.scale_offset
     else:
-        scale = c["scale"].index_select(0, flat)
+        scale = rows["scale"]
     vals = dequantize_codebook(codes, scale, weight.block_size, weight.scheme, torch.float32)
     return vals[:, : weight.shape[1]].to(weight.dtype).reshape(*indices.shape, weight.shape[1])
 
