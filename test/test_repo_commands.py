@@ -15,3 +15,10 @@ def test_ci_runs_the_readme_test_command():
     assert ci == [test_command]
     for command in blocks[:2]:
         assert command.startswith("pip install torch==2.13.0 && "), "torch must be installed first from the pinned CPU wheel"
+
+
+def test_readme_first_command_runs_the_demo():
+    readme = (ROOT / "README.md").read_text()
+    first = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)[0].strip()
+    assert first.endswith("&& python -m torchq.demo"), first
+    assert '".[demo]"' in first
