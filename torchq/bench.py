@@ -8,8 +8,9 @@
   greedy continuation is returned as a text sample.
 * peak RSS: the process's resident-set high-water mark during the benchmark (Linux
   ``VmHWM``, reset first through ``/proc/self/clear_refs``; elsewhere the lifetime peak).
-* ``compile=True`` runs the same loops through ``torch.compile(model.forward)``; the first
-  calls' time is reported as compile time.
+* ``compile=True`` runs the same loops through ``torch.compile(model.forward)`` with a
+  transformers ``StaticCache`` (fixed shapes: a growing dynamic cache would recompile at
+  every step); the first prefill and decode calls' time is reported as compile time.
 
 On a shared host only ratios measured in the same run mean anything.
 """
@@ -74,9 +75,38 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
-def _step(forward, ids, cache=None):
-    out = forward(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+class _Decoder:
+    """One forward per call with a KV cache: transformers' default dynamic cache in eager
+    mode, a ``StaticCache`` sized for the whole run when compiled (fixed shapes)."""
+
+    def __init__(self, model: nn.Module, compile: bool, max_tokens: int):
+        self.model, self.static, self.max_tokens = model, compile, max_tokens
+        self.forward = torch.compile(model.forward) if compile else model.forward
+        self.cache, self.pos = None, 0
+
+    def reset(self) -> None:
+        if self.static:
+            from transformers import StaticCache
+
+            if self.cache is None:
+                self.cache = StaticCache(config=self.model.config, max_cache_len=self.max_tokens)
+            self.cache.reset()
+        else:
+            self.cache = None
+        self.pos = 0
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        """Feed ``ids`` (1, T); return the greedy next token (1, 1)."""
+        n = ids.shape[1]
+        # explicit positions: deriving them from the cache would guard on its length
+        extra = {"position_ids": torch.arange(self.pos, self.pos + n).unsqueeze(0)} if self.static else {}
+        # a static cache allocates its tensors on first use: do that call eagerly, so that no
+        # graph is compiled for the uninitialized cache
+        fresh = self.static and not self.cache.is_initialized
+        forward = self.model.forward if fresh else self.forward
+        out = forward(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1, **extra)
+        self.cache, self.pos = out.past_key_values, self.pos + n
+        return out.logits[:, -1].argmax(-1, keepdim=True)
 
 
 def bench(
@@ -101,18 +131,20 @@ def bench(
     if prompt_tokens is not None:
         reps = -(-prompt_tokens // ids.shape[1])
         ids = ids.repeat(1, reps)[:, :prompt_tokens]
-    forward = torch.compile(model.forward) if compile else model.forward
+    decoder = _Decoder(model, compile, ids.shape[1] + new_tokens + 1)
     reset_peak_rss()
     compile_seconds = None
     with torch.inference_mode():
         ids = ids.clone()  # an inference tensor, like every later input (no recompile on the dispatch keys)
         t0 = time.perf_counter()
-        cache, nxt = _step(forward, ids, None)  # warm-up (and compile) of prefill
+        decoder.reset()
+        nxt = decoder.step(ids)  # warm-up (and compile) of prefill
         first = time.perf_counter() - t0
         times: list[float] = []
         while len(times) < max(1, repeats):
             t0 = time.perf_counter()
-            cache, nxt = _step(forward, ids, cache=None)
+            decoder.reset()
+            nxt = decoder.step(ids)
             times.append(time.perf_counter() - t0)
             if max_prefill_seconds is not None and sum(times) > max_prefill_seconds:
                 break
@@ -120,12 +152,12 @@ def bench(
         first_decode = 0.0
         if compile:  # eager decoding has no one-time cost worth a warm-up step
             t0 = time.perf_counter()
-            cache, nxt = _step(forward, nxt, cache)
+            nxt = decoder.step(nxt)
             first_decode = time.perf_counter() - t0
             generated.append(int(nxt))
         steps, start = 0, time.perf_counter()
         while len(generated) < new_tokens:
-            cache, nxt = _step(forward, nxt, cache)
+            nxt = decoder.step(nxt)
             generated.append(int(nxt))
             steps += 1
             if max_decode_seconds is not None and time.perf_counter() - start > max_decode_seconds:
