@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -16,6 +17,10 @@
 #include <functional>
 #include <string>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "kernel_api.h"
 
@@ -78,6 +83,9 @@ std::atomic<int64_t> g_int4_gemm_min_m{8};
 std::atomic<int64_t> g_int8_gemm_min_m{8};
 std::atomic<int64_t> g_bf16_min_m{kBf16MinMDefault};
 std::atomic<int64_t> g_bf16_emulate{0};
+// Software prefetch distance (bytes) of the GEMV code stream; see kernels_impl.h (pf()).
+constexpr int64_t kPfDistDefault = 4096;
+std::atomic<int64_t> g_pf_dist{kPfDistDefault};
 
 // Whether this call of a weight-only kernel runs the bf16 GEMM.
 bool use_bf16(bool exact, int64_t M) {
@@ -125,9 +133,12 @@ int64_t tune(std::string name, int64_t value) {
   } else if (name == "bf16_emulate") {
     p = &g_bf16_emulate;
     dflt = 0;
+  } else if (name == "prefetch_distance") {
+    p = &g_pf_dist;
+    dflt = kPfDistDefault;
   }
   TORCH_CHECK(p, "torchq: unknown tunable '", name,
-              "' (known: int4_gemm_min_m, int8_gemm_min_m, bf16_min_m, bf16_emulate)");
+              "' (known: int4_gemm_min_m, int8_gemm_min_m, bf16_min_m, bf16_emulate, prefetch_distance)");
   return p->exchange(value < 0 ? dflt : value);
 }
 
@@ -267,6 +278,8 @@ Prepared prepare_weight(const at::Tensor& qdata, const at::Tensor& scale, const 
     q.zero = (const uint8_t*)z.data_ptr();
   }
   q.w = (const uint8_t*)qdata.data_ptr();
+  q.lut = nullptr;
+  q.pf_dist = g_pf_dist.load(std::memory_order_relaxed);
   q.tile_bytes = TILE * qdata.size(1);
   q.n_full = q.N / TILE;
   const int64_t rows = q.N % TILE;
@@ -628,6 +641,44 @@ at::Tensor w8a8_int_acc(const at::Tensor& x, const at::Tensor& qdata, const at::
   return dynamic_linear(x, qdata, scale, c10::nullopt, c10::nullopt, 0, 0, false, true);
 }
 
+// ------------------------------------------------------------------ huge-page placement
+// An uninitialized CPU tensor whose memory starts on a 2 MiB boundary and is marked
+// MADV_HUGEPAGE before anything touches it, so that (with transparent huge pages in
+// "always" or "madvise" mode) every whole 2 MiB piece of it is backed by one huge page:
+// a GEMV streaming a packed weight then takes no TLB miss per 4 KiB and the hardware
+// prefetchers are not stopped at every 4 KiB boundary. The mapping is exactly the tensor's
+// bytes rounded up to 4 KiB (a tail under 2 MiB stays in small pages), freed with the
+// storage. Returns a plain at::empty tensor (the documented fallback: this is only a
+// placement hint) when not on Linux, below kHugeMin bytes, or when mmap fails.
+constexpr size_t kHugePage = size_t(2) << 20;
+constexpr size_t kHugeMin = kHugePage;
+
+at::Tensor empty_huge(at::IntArrayRef sizes, at::ScalarType dtype) {
+  const at::TensorOptions opts = at::TensorOptions().dtype(dtype).device(at::kCPU);
+  int64_t numel = 1;
+  for (int64_t s : sizes) {
+    TORCH_CHECK(s >= 0, "torchq: _empty_huge got a negative size ", s);
+    numel *= s;
+  }
+  const size_t nbytes = (size_t)numel * c10::elementSize(dtype);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (nbytes >= kHugeMin) {
+    const size_t len = (nbytes + 4095) & ~(size_t)4095;
+    void* raw = mmap(nullptr, len + kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (raw != MAP_FAILED) {
+      const uintptr_t r = (uintptr_t)raw;
+      const uintptr_t base = (r + kHugePage - 1) & ~(uintptr_t)(kHugePage - 1);
+      if (base > r) munmap(raw, base - r);                           // unaligned head
+      const uintptr_t end = base + len, rend = r + len + kHugePage;
+      if (rend > end) munmap((void*)end, rend - end);                // rest past the tensor
+      madvise((void*)base, len, MADV_HUGEPAGE);                      // a hint: failure is harmless
+      return at::from_blob((void*)base, sizes, [len](void* p) { munmap(p, len); }, opts);
+    }
+  }
+#endif
+  return at::empty(sizes, opts);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(torchq, m) {
@@ -643,6 +694,7 @@ TORCH_LIBRARY(torchq, m) {
   m.def("quantize_per_token_int8(Tensor x) -> (Tensor, Tensor)");
   m.def("codebook4_linear(Tensor x, Tensor qdata, Tensor scale, Tensor lut, Tensor? bias, int block_size, "
         "Tensor? dq_code=None, Tensor? dq_absmax=None, Tensor? dq_offset=None) -> Tensor");
+  m.def("_empty_huge(int[] size, ScalarType dtype) -> Tensor", &empty_huge);
   m.def("_supported_isas() -> int", &supported_isas);
   m.def("_native_bf16() -> bool", &native_bf16);
   m.def("_get_isa() -> int", &get_isa);
