@@ -50,6 +50,21 @@ def test_empty_huge_is_aligned_and_backed_by_huge_pages():
     assert f.shape == (HUGE // 4, 2) and f.dtype == torch.float32 and f.data_ptr() % HUGE == 0
 
 
+@pytest.mark.skipif(not LINUX, reason="huge-page placement is Linux only")
+def test_small_tensors_share_huge_page_arena_chunks():
+    ts = [hugepages.empty_huge((100_000,), torch.uint8) for _ in range(400)]  # 40 MB: several chunks
+    for i, t in enumerate(ts):
+        t.fill_(i % 251)
+    assert all(int(t[0]) == i % 251 and int(t[-1]) == i % 251 for i, t in enumerate(ts))
+    assert ts[1].data_ptr() - ts[0].data_ptr() == 100_032  # carved one after the other, 64-byte aligned
+    if THP:
+        assert hugepages.huge_bytes(ts[0]) >= HUGE
+    del ts  # chunks are unmapped with their last tensor (not observable here beyond not crashing)
+    again = hugepages.empty_huge((50_000,), torch.float32)
+    again.fill_(1.0)
+    assert float(again.sum()) == 50_000
+
+
 def test_empty_huge_falls_back_to_torch_empty():
     small = hugepages.empty_huge((1000,), torch.float32)  # under HUGE_MIN_BYTES
     assert small.shape == (1000,) and small.dtype == torch.float32
@@ -93,6 +108,16 @@ def test_codebook4_packed_weights_live_in_huge_pages():
     assert hugepages.huge_bytes(w.qdata) >= HUGE
     x = torch.randn(1, 1024)
     assert torch.equal(F.linear(x, w), F.linear(x, plain_copy(w)))
+
+
+@pytest.mark.skipif(not (LINUX and THP), reason="needs transparent huge pages (always/madvise)")
+def test_small_packed_weights_share_huge_pages():
+    w = int4(576, 576)  # qdata 162 KiB: carved from an arena chunk
+    assert hugepages.huge_bytes(w.qdata) >= HUGE
+    x = torch.randn(2, 576)
+    plain = plain_copy(w)
+    for m in (1, 2):
+        assert torch.equal(F.linear(x[:m], w), F.linear(x[:m], plain))
 
 
 def test_prefetch_distance_is_tunable_and_changes_no_result():

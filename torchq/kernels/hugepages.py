@@ -3,10 +3,16 @@
 An M=1 (decode) GEMV streams each packed weight once from DRAM. In ordinary 4 KiB pages
 that stream takes a TLB miss every 4 KiB and the hardware prefetchers stop at every page
 boundary; measured on the AVX2 dev host, DRAM read bandwidth is ~28 GB/s in 4 KiB pages
-and ~50 GB/s in transparent huge pages. :func:`empty_huge` allocates a CPU tensor whose
-memory starts on a 2 MiB boundary and is ``madvise(MADV_HUGEPAGE)``'d before first touch
+and ~50 GB/s in transparent huge pages. :func:`empty_huge` allocates a CPU tensor in
+memory that is ``madvise(MADV_HUGEPAGE)``'d before first touch
 (``torch.ops.torchq._empty_huge``, csrc/ops.cpp), and the tiled layouts
-(:mod:`torchq.kernels.cpu_layouts`) build their packed tensors in it.
+(:mod:`torchq.kernels.cpu_layouts`) build their packed tensors in it:
+
+* from 2 MiB: a mapping of its own, starting on a 2 MiB boundary;
+* from :data:`HUGE_MIN_BYTES` (16 KiB) to 2 MiB: carved from a shared 16 MiB arena chunk
+  (2 MiB aligned), so that a small model's many small weights share huge pages. A chunk is
+  unmapped once every tensor carved from it is freed and the arena has moved on to a newer
+  chunk; the memory of a freed tensor is not reused before that.
 
 It is a placement hint only: values, shapes and dtypes are those of ``torch.empty``.
 Documented fallback to a plain ``torch.empty`` tensor (silently, by design): not Linux,
@@ -28,8 +34,8 @@ import torch
 
 __all__ = ["HUGE_MIN_BYTES", "enabled", "empty_huge", "thp_mode", "huge_bytes"]
 
-#: smaller tensors are allocated with ``torch.empty`` (a huge page is 2 MiB)
-HUGE_MIN_BYTES = 2 << 20
+#: smaller tensors are allocated with ``torch.empty`` (csrc/ops.cpp ``kArenaMin``)
+HUGE_MIN_BYTES = 16 << 10
 
 
 def enabled() -> bool:

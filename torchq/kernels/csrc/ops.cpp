@@ -15,6 +15,8 @@
 #include <cstring>
 #include <cpuid.h>
 #include <functional>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -642,16 +644,49 @@ at::Tensor w8a8_int_acc(const at::Tensor& x, const at::Tensor& qdata, const at::
 }
 
 // ------------------------------------------------------------------ huge-page placement
-// An uninitialized CPU tensor whose memory starts on a 2 MiB boundary and is marked
-// MADV_HUGEPAGE before anything touches it, so that (with transparent huge pages in
-// "always" or "madvise" mode) every whole 2 MiB piece of it is backed by one huge page:
-// a GEMV streaming a packed weight then takes no TLB miss per 4 KiB and the hardware
-// prefetchers are not stopped at every 4 KiB boundary. The mapping is exactly the tensor's
-// bytes rounded up to 4 KiB (a tail under 2 MiB stays in small pages), freed with the
-// storage. Returns a plain at::empty tensor (the documented fallback: this is only a
-// placement hint) when not on Linux, below kHugeMin bytes, or when mmap fails.
+// Uninitialized CPU tensors in memory marked MADV_HUGEPAGE before anything touches it, so
+// that (with transparent huge pages in "always" or "madvise" mode) the memory is backed by
+// 2 MiB pages: a GEMV streaming a packed weight then takes no TLB miss per 4 KiB and the
+// hardware prefetchers are not stopped at every 4 KiB boundary.
+//  * nbytes >= kHugePage: a mapping of its own, starting on a 2 MiB boundary, exactly the
+//    tensor's bytes rounded up to 4 KiB (a tail under 2 MiB stays in small pages);
+//  * kArenaMin <= nbytes < kHugePage: carved (64-byte aligned) from a shared 2 MiB-aligned
+//    arena chunk of kArenaChunk bytes, so small weights (a 135M model's layers) share huge
+//    pages. A chunk is unmapped when the last tensor carved from it is freed and the arena
+//    has moved on to a newer chunk (memory of freed tensors is not reused before that);
+//  * otherwise (tiny tensors, not Linux, mmap failing): a plain at::empty tensor (the
+//    documented fallback: this is only a placement hint).
 constexpr size_t kHugePage = size_t(2) << 20;
-constexpr size_t kHugeMin = kHugePage;
+constexpr size_t kArenaMin = size_t(16) << 10;
+constexpr size_t kArenaChunk = size_t(16) << 20;
+
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+// A 2 MiB-aligned anonymous mapping of len bytes (rounded up to 4 KiB) with MADV_HUGEPAGE, or null.
+void* map_huge(size_t len) {
+  void* raw = mmap(nullptr, len + kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (raw == MAP_FAILED) return nullptr;
+  const uintptr_t r = (uintptr_t)raw;
+  const uintptr_t base = (r + kHugePage - 1) & ~(uintptr_t)(kHugePage - 1);
+  if (base > r) munmap(raw, base - r);  // unaligned head
+  const uintptr_t end = base + len, rend = r + len + kHugePage;
+  if (rend > end) munmap((void*)end, rend - end);  // rest past the tensor
+  madvise((void*)base, len, MADV_HUGEPAGE);        // a hint: failure is harmless
+  return (void*)base;
+}
+
+struct ArenaChunk {
+  uint8_t* base;
+  size_t len;
+  ~ArenaChunk() { munmap(base, len); }
+};
+
+struct Arena {
+  std::mutex mu;
+  std::shared_ptr<ArenaChunk> cur;
+  size_t off = 0;
+};
+Arena g_arena;
+#endif
 
 at::Tensor empty_huge(at::IntArrayRef sizes, at::ScalarType dtype) {
   const at::TensorOptions opts = at::TensorOptions().dtype(dtype).device(at::kCPU);
@@ -662,18 +697,31 @@ at::Tensor empty_huge(at::IntArrayRef sizes, at::ScalarType dtype) {
   }
   const size_t nbytes = (size_t)numel * c10::elementSize(dtype);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  if (nbytes >= kHugeMin) {
+  if (nbytes >= kHugePage) {
     const size_t len = (nbytes + 4095) & ~(size_t)4095;
-    void* raw = mmap(nullptr, len + kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (raw != MAP_FAILED) {
-      const uintptr_t r = (uintptr_t)raw;
-      const uintptr_t base = (r + kHugePage - 1) & ~(uintptr_t)(kHugePage - 1);
-      if (base > r) munmap(raw, base - r);                           // unaligned head
-      const uintptr_t end = base + len, rend = r + len + kHugePage;
-      if (rend > end) munmap((void*)end, rend - end);                // rest past the tensor
-      madvise((void*)base, len, MADV_HUGEPAGE);                      // a hint: failure is harmless
-      return at::from_blob((void*)base, sizes, [len](void* p) { munmap(p, len); }, opts);
+    if (void* p = map_huge(len)) return at::from_blob(p, sizes, [len](void* q) { munmap(q, len); }, opts);
+  } else if (nbytes >= kArenaMin) {
+    std::shared_ptr<ArenaChunk> chunk;
+    uint8_t* p = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(g_arena.mu);
+      const size_t need = (nbytes + 63) & ~(size_t)63;
+      if (!g_arena.cur || g_arena.off + need > g_arena.cur->len) {
+        void* m = map_huge(kArenaChunk);
+        if (m) {
+          g_arena.cur = std::shared_ptr<ArenaChunk>(new ArenaChunk{(uint8_t*)m, kArenaChunk});
+          g_arena.off = 0;
+        } else {
+          g_arena.cur.reset();
+        }
+      }
+      if (g_arena.cur) {
+        chunk = g_arena.cur;
+        p = chunk->base + g_arena.off;
+        g_arena.off += need;
+      }
     }
+    if (p) return at::from_blob(p, sizes, [chunk](void*) mutable { chunk.reset(); }, opts);
   }
 #endif
   return at::empty(sizes, opts);
