@@ -7,6 +7,9 @@ the % of the DRAM roofline (weight + scale bytes / read bandwidth sampled in the
 
 --huge both times every weight twice: its buffers copied into plain 4 KiB-page memory
 ("/4k") and into transparent-huge-page memory ("/thp"), to measure the placement alone.
+--ab times four variants of every weight in one run, interleaved: "/old" (4 KiB pages, no
+software prefetch: the code before both), "/pf" (prefetch only), "/thp" (huge pages
+only), "/new" (both: the default).
 """
 import argparse
 import statistics
@@ -28,6 +31,7 @@ p.add_argument("--threads", default="1,2")
 p.add_argument("--only", default="")
 p.add_argument("--reps", type=int, default=15)
 p.add_argument("--huge", default="off", choices=["off", "on", "both"])
+p.add_argument("--ab", action="store_true")
 a = p.parse_args()
 
 try:
@@ -86,27 +90,32 @@ for shape in a.shapes.split(","):
         if a.only and name not in a.only.split(","):
             continue
         t = make()
-        variants = {"": t} if a.huge == "off" else {}
+        variants = {"": (t, -1)} if a.huge == "off" and not a.ab else {}
         if a.huge in ("on", "both"):
-            variants["/thp"] = placed(t, True)
+            variants["/thp"] = (placed(t, True), -1)
         if a.huge == "both":
-            variants["/4k"] = placed(t, False)
+            variants["/4k"] = (placed(t, False), -1)
+        if a.ab:
+            t4k, thp = placed(t, False), placed(t, True)
+            variants.update({"/old": (t4k, 0), "/pf": (t4k, -1), "/thp": (thp, 0), "/new": (thp, -1)})
         x = torch.randn(1, k, dtype=dt)
-        for suf, wt in variants.items():
-            cases[name + suf] = (lambda x=x, wt=wt: F.linear(x, wt), nbytes(t))
+        for suf, (wt, pfd) in variants.items():
+            cases[name + suf] = (lambda x=x, wt=wt: F.linear(x, wt), nbytes(t), pfd)
     for thr in (int(v) for v in a.threads.split(",")):
         torch.set_num_threads(thr)
         res = {c: {"hot": [], "cold": []} for c in cases}
-        for fn, _ in cases.values():
+        for fn, *_ in cases.values():
             fn(); fn()
         for _ in range(a.reps):
-            for c, (fn, _) in cases.items():
+            for c, (fn, _, pfd) in cases.items():
+                torch.ops.torchq._tune("prefetch_distance", pfd)
                 for mode in ("hot", "cold"):
                     if mode == "cold":
                         flush()
                     else:
                         fn()
                     t0 = time.perf_counter(); fn(); res[c][mode].append(time.perf_counter() - t0)
+        torch.ops.torchq._tune("prefetch_distance", -1)
         torch.set_num_threads(2)
         bw = max(bw * 0.9, dram_gbps(2))
         torch.set_num_threads(thr)

@@ -86,7 +86,7 @@ std::atomic<int64_t> g_int8_gemm_min_m{8};
 std::atomic<int64_t> g_bf16_min_m{kBf16MinMDefault};
 std::atomic<int64_t> g_bf16_emulate{0};
 // Software prefetch distance (bytes) of the GEMV code stream; see kernels_impl.h (pf()).
-constexpr int64_t kPfDistDefault = 4096;
+constexpr int64_t kPfDistDefault = 8192;
 std::atomic<int64_t> g_pf_dist{kPfDistDefault};
 
 // Whether this call of a weight-only kernel runs the bf16 GEMM.
