@@ -685,7 +685,7 @@ struct Arena {
   std::shared_ptr<ArenaChunk> cur;
   size_t off = 0;
 };
-Arena g_arena;
+Arena& g_arena = *new Arena;  // never destroyed: tensors may outlive static destructors
 #endif
 
 at::Tensor empty_huge(at::IntArrayRef sizes, at::ScalarType dtype) {
