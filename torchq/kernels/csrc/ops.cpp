@@ -451,18 +451,25 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qdata, const at::T
 // QLoRA double-quantized scales: scale[n, g] = code[q[n, g]] * absmax2[(n*G + g) / 256] +
 // offset, rounded after the product and after the sum as the reference decodes them.
 // Rows [n0, n0 + rows) are decoded into the kernels' tiled order dst[g][rows].
-void decode_dq_rows(const uint8_t* qp, const float* code, const float* absmax2, float off, int64_t G, int64_t n0,
-                    int64_t rows, float* dst) {
+void decode_dq_rows(const uint8_t* __restrict qp, const float* __restrict code, const float* __restrict absmax2,
+                    float off, int64_t G, int64_t n0, int64_t rows, float* __restrict dst) {
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t base = (n0 + r) * G;
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t i = base + g;
+    const uint8_t* q = qp + base;
+    float* d = dst + r;
+    for (int64_t g = 0; g < G;) {
+      // the scales [g, end) of this row share one absmax2 block (256 consecutive scales)
+      const int64_t blk = (base + g) >> 8;
+      const int64_t end = std::min(G, ((blk + 1) << 8) - base);
+      const float a = absmax2[blk];
+      for (; g < end; ++g) {
 #if defined(__FMA__)
-      volatile float prod = code[qp[i]] * absmax2[i >> 8];  // keep the product rounded (no fused multiply-add)
+        volatile float prod = code[q[g]] * a;  // keep the product rounded (no fused multiply-add)
 #else
-      const float prod = code[qp[i]] * absmax2[i >> 8];  // baseline x86-64: no FMA to contract into
+        const float prod = code[q[g]] * a;  // baseline x86-64: no FMA to contract into
 #endif
-      dst[g * rows + r] = prod + off;
+        d[g * rows] = prod + off;
+      }
     }
   }
 }
