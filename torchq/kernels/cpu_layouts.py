@@ -26,6 +26,7 @@ import torch
 
 from ..primitives.packing import pack_int4, unpack_int4
 from ..tensors.layouts import Layout, register_layout
+from .hugepages import empty_huge
 
 __all__ = ["TILE", "INT4_TILE16", "INT8_K16", "INT8_K4X16"]
 
@@ -42,7 +43,8 @@ def _tile(a: torch.Tensor, inner: Callable[[torch.Tensor], torch.Tensor], shape=
     one after another into a new tensor of ``shape`` (default ``a.shape``)."""
     n = a.shape[0]
     full = n // TILE * TILE
-    out = torch.empty(a.shape if shape is None else shape, dtype=dtype or a.dtype, device=a.device)
+    # huge-page memory (a placement hint, see hugepages.py): the M=1 kernels stream it from DRAM
+    out = empty_huge(a.shape if shape is None else shape, dtype or a.dtype, a.device)
     flat = out.view(-1)
     pos = 0
     for r0 in range(0, full, TILE * _CHUNK_TILES):

@@ -78,7 +78,9 @@ static void cb4_gemv_avx2_m1_impl(const QWeight& q, const TileRef& tr, const Act
     __m256 acc[2][4];
     for (int h = 0; h < 2; ++h)
       for (int v = 0; v < 4; ++v) acc[h][v] = _mm256_setzero_ps();
+    pf(tr.scale + (g * TILE) * 4 + q.pf_dist / 16);
     for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+      pf(tr.w + c * 64 + q.pf_dist);
       const __m256 xs[2] = {_mm256_broadcast_ps((const __m128*)(x + c * 8)),
                             _mm256_broadcast_ps((const __m128*)(x + c * 8 + 4))};
       sfor<0, 2>([&](auto hi) {
@@ -152,7 +154,9 @@ static void cb4_gemv_tile(const QWeight& q, const TileRef& tr, const Acts& a, in
     sfor<0, MR>([&](auto mi) {
       sfor<0, SA>([&](auto si) { sfor<0, H>([&](auto hi) { acc[mi.value][si.value][hi.value] = V::zero(); }); });
     });
+    pf(tr.scale + (g * TILE) * 4 + q.pf_dist / 16);
     for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+      pf(tr.w + c * 64 + q.pf_dist);
       I L[H];
       sfor<0, H>([&](auto hi) { L[hi.value] = V::loadi(tr.w + c * 64 + hi.value * W * 4); });
       sfor<0, 8>([&](auto ji) {

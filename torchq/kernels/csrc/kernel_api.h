@@ -30,6 +30,7 @@ struct QWeight {
   const uint8_t* tail_scale;
   const uint8_t* tail_zero;
   const float* lut;        // 4-bit codebook kernels: the 16 fp32 table values (else unused)
+  int64_t pf_dist;         // GEMV paths: software prefetch of the code stream this many bytes ahead (0: off)
 };
 
 // Prepared activations (which fields are used depends on the kernel and path).

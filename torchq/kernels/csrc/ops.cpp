@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -14,8 +15,14 @@
 #include <cstring>
 #include <cpuid.h>
 #include <functional>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "kernel_api.h"
 
@@ -78,6 +85,9 @@ std::atomic<int64_t> g_int4_gemm_min_m{8};
 std::atomic<int64_t> g_int8_gemm_min_m{8};
 std::atomic<int64_t> g_bf16_min_m{kBf16MinMDefault};
 std::atomic<int64_t> g_bf16_emulate{0};
+// Software prefetch distance (bytes) of the GEMV code stream; see kernels_impl.h (pf()).
+constexpr int64_t kPfDistDefault = 8192;
+std::atomic<int64_t> g_pf_dist{kPfDistDefault};
 
 // Whether this call of a weight-only kernel runs the bf16 GEMM.
 bool use_bf16(bool exact, int64_t M) {
@@ -125,9 +135,12 @@ int64_t tune(std::string name, int64_t value) {
   } else if (name == "bf16_emulate") {
     p = &g_bf16_emulate;
     dflt = 0;
+  } else if (name == "prefetch_distance") {
+    p = &g_pf_dist;
+    dflt = kPfDistDefault;
   }
   TORCH_CHECK(p, "torchq: unknown tunable '", name,
-              "' (known: int4_gemm_min_m, int8_gemm_min_m, bf16_min_m, bf16_emulate)");
+              "' (known: int4_gemm_min_m, int8_gemm_min_m, bf16_min_m, bf16_emulate, prefetch_distance)");
   return p->exchange(value < 0 ? dflt : value);
 }
 
@@ -267,6 +280,8 @@ Prepared prepare_weight(const at::Tensor& qdata, const at::Tensor& scale, const 
     q.zero = (const uint8_t*)z.data_ptr();
   }
   q.w = (const uint8_t*)qdata.data_ptr();
+  q.lut = nullptr;
+  q.pf_dist = g_pf_dist.load(std::memory_order_relaxed);
   q.tile_bytes = TILE * qdata.size(1);
   q.n_full = q.N / TILE;
   const int64_t rows = q.N % TILE;
@@ -436,18 +451,25 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qdata, const at::T
 // QLoRA double-quantized scales: scale[n, g] = code[q[n, g]] * absmax2[(n*G + g) / 256] +
 // offset, rounded after the product and after the sum as the reference decodes them.
 // Rows [n0, n0 + rows) are decoded into the kernels' tiled order dst[g][rows].
-void decode_dq_rows(const uint8_t* qp, const float* code, const float* absmax2, float off, int64_t G, int64_t n0,
-                    int64_t rows, float* dst) {
+void decode_dq_rows(const uint8_t* __restrict qp, const float* __restrict code, const float* __restrict absmax2,
+                    float off, int64_t G, int64_t n0, int64_t rows, float* __restrict dst) {
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t base = (n0 + r) * G;
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t i = base + g;
+    const uint8_t* q = qp + base;
+    float* d = dst + r;
+    for (int64_t g = 0; g < G;) {
+      // the scales [g, end) of this row share one absmax2 block (256 consecutive scales)
+      const int64_t blk = (base + g) >> 8;
+      const int64_t end = std::min(G, ((blk + 1) << 8) - base);
+      const float a = absmax2[blk];
+      for (; g < end; ++g) {
 #if defined(__FMA__)
-      volatile float prod = code[qp[i]] * absmax2[i >> 8];  // keep the product rounded (no fused multiply-add)
+        volatile float prod = code[q[g]] * a;  // keep the product rounded (no fused multiply-add)
 #else
-      const float prod = code[qp[i]] * absmax2[i >> 8];  // baseline x86-64: no FMA to contract into
+        const float prod = code[q[g]] * a;  // baseline x86-64: no FMA to contract into
 #endif
-      dst[g * rows + r] = prod + off;
+        d[g * rows] = prod + off;
+      }
     }
   }
 }
@@ -628,6 +650,90 @@ at::Tensor w8a8_int_acc(const at::Tensor& x, const at::Tensor& qdata, const at::
   return dynamic_linear(x, qdata, scale, c10::nullopt, c10::nullopt, 0, 0, false, true);
 }
 
+// ------------------------------------------------------------------ huge-page placement
+// Uninitialized CPU tensors in memory marked MADV_HUGEPAGE before anything touches it, so
+// that (with transparent huge pages in "always" or "madvise" mode) the memory is backed by
+// 2 MiB pages: a GEMV streaming a packed weight then takes no TLB miss per 4 KiB and the
+// hardware prefetchers are not stopped at every 4 KiB boundary.
+//  * nbytes >= kHugePage: a mapping of its own, starting on a 2 MiB boundary, exactly the
+//    tensor's bytes rounded up to 4 KiB (a tail under 2 MiB stays in small pages);
+//  * kArenaMin <= nbytes < kHugePage: carved (64-byte aligned) from a shared 2 MiB-aligned
+//    arena chunk of kArenaChunk bytes, so small weights (a 135M model's layers) share huge
+//    pages. A chunk is unmapped when the last tensor carved from it is freed and the arena
+//    has moved on to a newer chunk (memory of freed tensors is not reused before that);
+//  * otherwise (tiny tensors, not Linux, mmap failing): a plain at::empty tensor (the
+//    documented fallback: this is only a placement hint).
+constexpr size_t kHugePage = size_t(2) << 20;
+constexpr size_t kArenaMin = size_t(16) << 10;
+constexpr size_t kArenaChunk = size_t(16) << 20;
+
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+// A 2 MiB-aligned anonymous mapping of len bytes (rounded up to 4 KiB) with MADV_HUGEPAGE, or null.
+void* map_huge(size_t len) {
+  void* raw = mmap(nullptr, len + kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (raw == MAP_FAILED) return nullptr;
+  const uintptr_t r = (uintptr_t)raw;
+  const uintptr_t base = (r + kHugePage - 1) & ~(uintptr_t)(kHugePage - 1);
+  if (base > r) munmap(raw, base - r);  // unaligned head
+  const uintptr_t end = base + len, rend = r + len + kHugePage;
+  if (rend > end) munmap((void*)end, rend - end);  // rest past the tensor
+  madvise((void*)base, len, MADV_HUGEPAGE);        // a hint: failure is harmless
+  return (void*)base;
+}
+
+struct ArenaChunk {
+  uint8_t* base;
+  size_t len;
+  ~ArenaChunk() { munmap(base, len); }
+};
+
+struct Arena {
+  std::mutex mu;
+  std::shared_ptr<ArenaChunk> cur;
+  size_t off = 0;
+};
+Arena& g_arena = *new Arena;  // never destroyed: tensors may outlive static destructors
+#endif
+
+at::Tensor empty_huge(at::IntArrayRef sizes, at::ScalarType dtype) {
+  const at::TensorOptions opts = at::TensorOptions().dtype(dtype).device(at::kCPU);
+  int64_t numel = 1;
+  for (int64_t s : sizes) {
+    TORCH_CHECK(s >= 0, "torchq: _empty_huge got a negative size ", s);
+    numel *= s;
+  }
+  const size_t nbytes = (size_t)numel * c10::elementSize(dtype);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (nbytes >= kHugePage) {
+    const size_t len = (nbytes + 4095) & ~(size_t)4095;
+    if (void* p = map_huge(len)) return at::from_blob(p, sizes, [len](void* q) { munmap(q, len); }, opts);
+  } else if (nbytes >= kArenaMin) {
+    std::shared_ptr<ArenaChunk> chunk;
+    uint8_t* p = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(g_arena.mu);
+      const size_t need = (nbytes + 63) & ~(size_t)63;
+      if (!g_arena.cur || g_arena.off + need > g_arena.cur->len) {
+        void* m = map_huge(kArenaChunk);
+        if (m) {
+          g_arena.cur = std::shared_ptr<ArenaChunk>(new ArenaChunk{(uint8_t*)m, kArenaChunk});
+          g_arena.off = 0;
+        } else {
+          g_arena.cur.reset();
+        }
+      }
+      if (g_arena.cur) {
+        chunk = g_arena.cur;
+        p = chunk->base + g_arena.off;
+        g_arena.off += need;
+      }
+    }
+    if (p) return at::from_blob(p, sizes, [chunk](void*) mutable { chunk.reset(); }, opts);
+  }
+#endif
+  return at::empty(sizes, opts);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(torchq, m) {
@@ -643,6 +749,7 @@ TORCH_LIBRARY(torchq, m) {
   m.def("quantize_per_token_int8(Tensor x) -> (Tensor, Tensor)");
   m.def("codebook4_linear(Tensor x, Tensor qdata, Tensor scale, Tensor lut, Tensor? bias, int block_size, "
         "Tensor? dq_code=None, Tensor? dq_absmax=None, Tensor? dq_offset=None) -> Tensor");
+  m.def("_empty_huge(int[] size, ScalarType dtype) -> Tensor", &empty_huge);
   m.def("_supported_isas() -> int", &supported_isas);
   m.def("_native_bf16() -> bool", &native_bf16);
   m.def("_get_isa() -> int", &get_isa);
