@@ -259,6 +259,7 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
             "samples_gbps": probe.samples,
             "tensor_mib": args.bw_mib,
             "threads": args.bw_threads,
+            "huge_page_fraction": probe.huge_fraction,
         },
         "settings": {
             "shapes": [f"{n}x{k}" for n, k in args.shapes],
@@ -386,7 +387,9 @@ def _header(res: dict[str, Any]) -> str:
     return (
         f"Machine: {machine_summary(res['machine'])}.\n\n"
         + _load_line(res)
-        + f"DRAM read bandwidth (sum over {bw['tensor_mib']} MiB, {bw['threads']} threads), {len(samples)} samples "
+        + f"DRAM read bandwidth (sum over {bw['tensor_mib']} MiB, {bw['threads']} threads, "
+        f"{bw.get('huge_page_fraction', 0):.0%} of it in transparent huge pages like torchq's packed weights), "
+        f"{len(samples)} samples "
         f"interleaved with the kernels: **median {bw['gbps_median']:.1f} GB/s** (min {min(samples):.1f}, "
         f"max {max(samples):.1f}). Cache flushed ({st['flush_mib']} MiB buffer) before every timed call; "
         f"median of up to {st['repeat']} calls, about {st['budget_s']:g} s of calls per cell.{kernel_env}\n\n"
