@@ -66,7 +66,7 @@ def test_demo_writes_table_plot_and_json(tiny, tmp_path, capsys):
         "--prompt-tokens", "16", "--new-tokens", "3", "--out", out, "--threads", "1",
     ]))
     names = [r.name for r in rows]
-    assert names == ["fp32", "bf16", "gguf_q4_1", "int8", "int4 g32", "nf4"]
+    assert names == ["fp32", "bf16", "gguf_q4_1", "int8", "int4 g32", "int4 g32 compiled", "nf4"]
     by = {r.name: r for r in rows}
     assert by["fp32"].kl == 0.0 and by["gguf_q4_1"].kl == 0.0 and by["bf16"].kl > 0  # import is lossless
     assert by["int4 g32"].size_mb < by["int8"].size_mb < by["bf16"].size_mb < by["fp32"].size_mb
@@ -74,7 +74,10 @@ def test_demo_writes_table_plot_and_json(tiny, tmp_path, capsys):
     assert by["nf4"].kernels.startswith("cpu.nf4") and by["nf4"].size_mb < by["int8"].size_mb
     assert math.isfinite(by["nf4"].perplexity) and by["nf4"].kl < 1e-3
     text = capsys.readouterr().out
-    assert "| int4 g32 |" in text and "decode / fp32 decode" in text and "per-call overhead" in text
+    assert by["int4 g32 compiled"].perplexity == by["int4 g32"].perplexity
+    assert by["int4 g32 compiled"].decode_tok_s > 0 and "torch.compile" in by["int4 g32 compiled"].note
+    assert "| int4 g32 |" in text and "per-call overhead" in text
+    assert "int4 g32 compiled decode / fp32 eager decode" in text and "int4 g32 decode / fp32 eager decode" in text
     assert "sample (int4 g32" in text
     with open(os.path.join(out, "results.json")) as f:
         saved = json.load(f)

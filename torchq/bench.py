@@ -81,7 +81,10 @@ class _Decoder:
 
     def __init__(self, model: nn.Module, compile: bool, max_tokens: int):
         self.model, self.static, self.max_tokens = model, compile, max_tokens
-        self.forward = torch.compile(model.forward) if compile else model.forward
+        # The model does not change during a benchmark, so its ~1000 module and parameter guards
+        # (3.9 ms per decoded token on SmolLM2) need not be re-checked at every call.
+        self.forward = (torch.compile(model.forward, options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+                        if compile else model.forward)
         self.cache, self.pos = None, 0
 
     def reset(self) -> None:
@@ -138,7 +141,10 @@ def bench(
         ids = ids.clone()  # an inference tensor, like every later input (no recompile on the dispatch keys)
         t0 = time.perf_counter()
         decoder.reset()
-        nxt = decoder.step(ids)  # warm-up (and compile) of prefill
+        nxt = decoder.step(ids)  # warm-up of prefill (a static cache is allocated by an eager call)
+        if compile:  # and the compile of prefill
+            decoder.reset()
+            nxt = decoder.step(ids)
         first = time.perf_counter() - t0
         times: list[float] = []
         while len(times) < max(1, repeats):
