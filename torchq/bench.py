@@ -4,8 +4,10 @@
   position's logits (what ``generate`` does); best of ``repeats`` runs after a warm-up.
 * decode: greedy, one token per forward with the KV cache, up to ``new_tokens`` tokens in
   all (fewer when ``max_decode_seconds`` runs out, so slow reference kernels do not stall a
-  demo); tokens/s over the decode steps (after one warm-up step when compiling). The
-  greedy continuation is returned as a text sample.
+  demo); tokens/s = 1 / the median time of a decode step (after one warm-up step when
+  compiling): on a shared host a few steps stall when another process takes a core, and the
+  median keeps those out for every model alike. The greedy continuation is returned as a
+  text sample.
 * peak RSS: the process's resident-set high-water mark during the benchmark (Linux
   ``VmHWM``, reset first through ``/proc/self/clear_refs``; elsewhere the lifetime peak).
 * ``compile=True`` runs the same loops through ``torch.compile(model.forward)`` with a
@@ -18,6 +20,7 @@ On a shared host only ratios measured in the same run mean anything.
 from __future__ import annotations
 
 import resource
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -161,21 +164,22 @@ def bench(
             nxt = decoder.step(nxt)
             first_decode = time.perf_counter() - t0
             generated.append(int(nxt))
-        steps, start = 0, time.perf_counter()
+        step_times: list[float] = []
+        start = time.perf_counter()
         while len(generated) < new_tokens:
+            t0 = time.perf_counter()
             nxt = decoder.step(nxt)
             generated.append(int(nxt))
-            steps += 1
+            step_times.append(time.perf_counter() - t0)
             if max_decode_seconds is not None and time.perf_counter() - start > max_decode_seconds:
                 break
-        decode_time = time.perf_counter() - start
     if compile:
         compile_seconds = first + first_decode
     return BenchResult(
         prefill_tokens_per_s=ids.shape[1] / min(times),
-        decode_tokens_per_s=steps / decode_time if steps else float("nan"),
+        decode_tokens_per_s=1.0 / statistics.median(step_times) if step_times else float("nan"),
         prompt_tokens=ids.shape[1],
-        new_tokens=steps,
+        new_tokens=len(step_times),
         size_mb=model_size_bytes(model) / 2**20,
         peak_rss_mb=peak_rss_mb(),
         compiled=compile,
