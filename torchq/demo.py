@@ -1,7 +1,7 @@
 """The torchq demo: SmolLM2-135M in fp32, bf16, its own GGUF Q4_1 blocks and every torchq
 scheme, compared on size, perplexity, KL divergence, prefill and decode speed.
 
-    python -m torchq.demo                 # ~5 min on 2 cores with the reference kernels
+    python -m torchq.demo                 # about 3 min on 2 cores (int4 also through torch.compile)
     python -m torchq.demo --windows 24    # the full held-out text (slower, steadier numbers)
 
 For every variant: size of the weights (MB), perplexity and KL divergence vs the fp32 model
@@ -10,10 +10,11 @@ on held-out text (:mod:`torchq.eval`), prefill and greedy-decode tokens/s and pe
 ``results.json``, ``results.md`` and ``tradeoff.png`` (size vs perplexity vs decode speed)
 to ``--out``.
 
-The demo runs whatever kernel each weight selects: with only the plain-PyTorch reference
-kernels (which dequantize the whole weight on every call) quantized decoding is slow and
-decode runs stop after ``--max-decode-seconds``; once faster kernels register, the same
-command reports their speed. Only ratios within one run mean anything on a shared host.
+The demo runs whatever kernel each weight selects (the C++ kernels once built; where the
+build fails, the plain-PyTorch references, whose decode runs stop after
+``--max-decode-seconds``). The int4 model also decodes through ``torch.compile`` with a
+static KV cache (``--no-compile`` skips it). Only ratios within one run mean anything on a
+shared host.
 """
 
 from __future__ import annotations
