@@ -407,19 +407,25 @@ def render_markdown(res: dict[str, Any], shapes: Optional[list[str]] = None, fol
     headline = f"{HEADLINE_SHAPE[0]}x{HEADLINE_SHAPE[1]}"
     if fold and headline in shapes:  # the headline shape open and first, the others folded
         shapes = [headline] + [s for s in shapes if s != headline]
-    for t in st["threads"]:
+    # folded (README): the most threads first, only its headline shape open
+    threads = sorted(st["threads"], reverse=True) if fold else st["threads"]
+    for t in threads:
         for shape in shapes:
             title = f"{shape} (N x K), {t} thread{'s' if t > 1 else ''}"
             table = shape_table(recs, shape, t, st["m"])
-            if fold and shape != headline and len(shapes) > 1:
+            if fold and (shape != headline or t != threads[0]) and len(shapes) * len(threads) > 1:
                 parts.append(f"<details><summary>{title}</summary>\n\n{table}\n\n</details>")
             else:
                 parts.append(f"#### {title}\n\n{table}")
     if len(st["threads"]) > 1:
         lo, hi = min(st["threads"]), max(st["threads"])
         for shape in shapes:
-            parts.append(f"#### Thread scaling {shape}: time at {lo} / time at {hi} threads\n\n"
-                         + scaling_table(recs, shape, st["m"], lo, hi))
+            title = f"Thread scaling {shape}: time at {lo} / time at {hi} threads"
+            table = scaling_table(recs, shape, st["m"], lo, hi)
+            if fold and shape != headline:
+                parts.append(f"<details><summary>{title}</summary>\n\n{table}\n\n</details>")
+            else:
+                parts.append(f"#### {title}\n\n{table}")
     if res["not_run"]:
         parts.append("Rows that did not run:\n\n" + "\n".join(f"- {k}: {v}" for k, v in res["not_run"].items()))
     return "\n\n".join(parts) + "\n"
