@@ -15,7 +15,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import torchq
 from torchq import Codebook4Tensor
-from torchq.primitives.codebook import swap_nibbles
+from torchq.primitives.codebook import dequantize_codebook, quantize_codebook, signed_zero_codes, swap_nibbles
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
@@ -46,22 +46,53 @@ def test_dequantized_weight_equals_bitsandbytes(quant_type, scheme, double_quant
     packed, state = bnbf.quantize_4bit(w, blocksize=block, quant_type=quant_type, compress_statistics=double_quant)
     ref = bnbf.dequantize_4bit(packed, state)
     t = Codebook4Tensor.from_float(w, scheme=scheme, block_size=block, double_quant=double_quant)
-    assert bits_equal(t.dequantize(), ref)
-    # same codes too: bitsandbytes' bytes are ours with the nibbles swapped
+    # equal by value: bitsandbytes' CPU quantizer picks +0 or -0 for tiny weights by an argsort
+    # tie-break that depends on the CPU (torchq follows the sign rule, test below)
+    assert torch.equal(t.dequantize(), ref) and t.dequantize().dtype == ref.dtype
+    # same codes too, up to that choice of zero: bitsandbytes' bytes are ours with the nibbles swapped
     c = t.canonical_tensors()
-    assert torch.equal(swap_nibbles(c["qdata"]).reshape(-1), packed.reshape(-1))
+    assert torch.equal(_zero_code_as_plus(swap_nibbles(c["qdata"]), scheme), _zero_code_as_plus(packed, scheme))
     if double_quant:
         assert torch.equal(c["scale_q"].reshape(-1), state.absmax)
         assert torch.equal(c["scale_absmax"], state.state2.absmax)
         assert torch.equal(c["scale_offset"].reshape(()), state.offset)
     else:
         assert torch.equal(c["scale"].reshape(-1), state.absmax)
-    # and the import path reads bitsandbytes' storage losslessly
+    # and the import path reads bitsandbytes' storage losslessly (its own zero codes included)
     imported = Codebook4Tensor.from_bnb(packed, state)
     assert bits_equal(imported.dequantize(), ref)
     if not double_quant:
         p2, absmax = t.to_bnb()
-        assert torch.equal(p2, packed) and torch.equal(absmax, state.absmax)
+        assert torch.equal(_zero_code_as_plus(p2, scheme), _zero_code_as_plus(packed, scheme))
+        assert torch.equal(absmax, state.absmax)
+
+
+def _zero_code_as_plus(packed, scheme):
+    """Packed codes with every -0 code replaced by the +0 code (formats with a signed zero)."""
+    zc = signed_zero_codes(scheme)
+    if zc is None:
+        return packed.reshape(-1)
+    plus, minus = zc
+    lo, hi = packed.reshape(-1) & 0xF, packed.reshape(-1) >> 4
+    lo = torch.where(lo == minus, plus, lo)
+    hi = torch.where(hi == minus, plus, hi)
+    return (hi << 4) | lo
+
+
+@pytest.mark.parametrize("scheme", ["fp4_e2m1_bnb"])
+def test_signed_zero_rule(scheme):
+    """A weight that rounds to zero gets +0 when it is >= 0 and -0 when negative (the sign
+    bit of bitsandbytes' CUDA kernel), on every CPU."""
+    plus, minus = signed_zero_codes(scheme)
+    assert (plus, minus) == (0, 8)
+    w = torch.tensor([[1.0, 1e-6, -1e-6, 0.0, -0.0, 2e-3, -2e-3, 1e-30]])
+    codes, scale = quantize_codebook(w, 8, scheme)
+    assert codes[0, 1:].tolist() == [plus, minus, plus, plus, plus, minus, plus]
+    deq = dequantize_codebook(codes, scale, 8, scheme)
+    assert torch.signbit(deq[0, 1:]).tolist() == [False, True, False, False, False, True, False]
+    assert torch.equal(deq[0, 1:], torch.zeros(7))
+    # formats without a -0 decision code keep their documented rule
+    assert signed_zero_codes("nf4") is None and signed_zero_codes("fp4_e2m1") is None
 
 
 def test_bnb_import_rejects_what_it_cannot_represent():

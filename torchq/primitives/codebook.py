@@ -22,6 +22,13 @@ the code is picked by comparing ``v`` with the fp32 midpoints of the sorted tabl
 exactly on a midpoint takes the lower entry). OCP e2m1 breaks such ties to the even
 mantissa instead (the OCP rounding rule) and never emits ``-0`` for a non-negative input.
 
+Signed zero: a table with both ``+0`` and ``-0`` among its decision codes (bitsandbytes'
+FP4) picks between them by the sign of the input, as bitsandbytes' CUDA kernel does
+(sign bit from ``x < 0``): a value that rounds to zero is ``+0`` if ``x >= 0``, else
+``-0``. (bitsandbytes' CPU quantizer breaks this tie with an ``argsort`` over the two
+equal zeros, so its choice depends on the sort implementation of the machine; the
+dequantized values are the same either way.)
+
 Double quantization (QLoRA "compress statistics"): the fp32 block scales of a tensor,
 flattened row-major, minus their mean, are quantized in blocks of 256 with bitsandbytes'
 signed 8-bit "dynamic" code (:func:`dynamic_map`), using the same 65536-entry lookup
@@ -35,6 +42,7 @@ Nibble order: torchq's canonical packing puts the even element in the LOW nibble
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
@@ -152,6 +160,18 @@ def _decision_cached(name: str, device: str) -> tuple[torch.Tensor, torch.Tensor
     return codes, midpoints
 
 
+@lru_cache(maxsize=None)
+def signed_zero_codes(name: str) -> Optional[tuple[int, int]]:
+    """``(+0 code, -0 code)`` when both zeros are decision codes of format ``name``, else None."""
+    cb = get_codebook(name)
+    zeros = [c for c in cb.decision_codes if cb.values[c] == 0.0]
+    if len(zeros) != 2:
+        return None
+    pos = [c for c in zeros if math.copysign(1.0, cb.values[c]) > 0]
+    neg = [c for c in zeros if math.copysign(1.0, cb.values[c]) < 0]
+    return (pos[0], neg[0]) if pos and neg else None
+
+
 # ---------------------------------------------------------------------- 4-bit codes
 def _check_blocks(w: torch.Tensor, block_size: int) -> None:
     if w.dim() != 2:
@@ -186,7 +206,13 @@ def quantize_codebook(w: torch.Tensor, block_size: int, fmt: str) -> tuple[torch
         upper = torch.bucketize(v, mids, right=True)
         tie = upper != pos
         pos = torch.where(tie & (codes[upper] % 2 == 0), upper, pos)
-    return codes[pos].to(torch.uint8).reshape(rows, k), scale
+    q = codes[pos]
+    zero_codes = signed_zero_codes(fmt)
+    if zero_codes is not None:  # the sign rule (module docstring), on every machine
+        plus, minus = zero_codes
+        signed = torch.where(v < 0, minus, plus)
+        q = torch.where((q == plus) | (q == minus), signed, q)
+    return q.to(torch.uint8).reshape(rows, k), scale
 
 
 def dequantize_codebook(
