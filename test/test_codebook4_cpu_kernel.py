@@ -170,3 +170,52 @@ def test_kernel_rejects_bad_arguments():
         op(torch.randn(2, 65), t.qdata, t.scale, t.lut, None, 64)
     with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
         op(x.double(), t.qdata, t.scale, t.lut, None, 64)
+
+
+def _bf16_routes():
+    """(ISA path, tunables) of every bf16 route this CPU can run from one row on."""
+    native = torch.ops.torchq._native_bf16() if ISAS else False
+    routes = []
+    for isa in ISAS:
+        if isa in ("scalar", "avx2") or native:
+            routes.append((isa, {"bf16_min_m": 1, "bf16_emulate": 1, "onednn_route": 2}))
+        routes.append((isa, {"bf16_min_m": 1, "onednn_route": 1}))
+    return routes
+
+
+@contextlib.contextmanager
+def _tuned(tunables):
+    old = {k: torch.ops.torchq._tune(k, v) for k, v in tunables.items()}
+    prec = torch.get_float32_matmul_precision()
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(prec)
+        for k, v in old.items():
+            torch.ops.torchq._tune(k, v)
+
+
+@pytest.mark.parametrize("route", range(len(_bf16_routes())))
+@pytest.mark.parametrize("dq", [False, True])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_bf16_routes_follow_the_precision_rule(route, dq, scheme):
+    """The codebook kernel follows the integer kernels' precision rule: under "highest"
+    fp32 activations stay fp32 on every route; under "high" (or with bf16 activations)
+    they compute bf16(x) @ bf16(W)^T (oneDNN route: result rounded to bf16 too)."""
+    isa, tunables = _bf16_routes()[route]
+    torch.manual_seed(1)
+    t = Codebook4Tensor.from_float(torch.randn(45, 200), scheme=scheme, block_size=64, double_quant=dq)
+    x, b = torch.randn(37, 200), torch.randn(45)
+    w = t.dequantize(torch.float32)
+    exact = F.linear(x.double(), w.double(), b.double())
+    rounded = F.linear(x.bfloat16().double(), w.bfloat16().double(), b.double())
+    with cpu_ext.force_isa(isa), _tuned(tunables):
+        torch.set_float32_matmul_precision("highest")
+        y32 = F.linear(x, t, b)
+        torch.set_float32_matmul_precision("high")
+        y16 = F.linear(x, t, b)
+        ybf = F.linear(x.bfloat16(), t, b.bfloat16())
+    torch.testing.assert_close(y32.double(), exact, rtol=2e-5, atol=2e-5)
+    assert (y16.double() - exact).abs().max() > 0  # really a different arithmetic
+    torch.testing.assert_close(y16.double(), rounded, rtol=1e-2, atol=2e-2)
+    torch.testing.assert_close(ybf.double(), rounded, rtol=2e-2, atol=4e-2)

@@ -3,6 +3,7 @@ every ISA path this host supports, layouts round-trip, opcheck, torch.compile, t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from torch import nn
 import torchq
 from torchq.kernels import cpu_ext, cpu_kernels, get_kernel
 from torchq.kernels.cpu_layouts import INT4_TILE16, INT8_K4X16, INT8_K16
+from torchq.kernels.numerics import weight_only_route
 from torchq.kernels.reference import int_accumulators
 from torchq.kernels.registry import prefer_kernels
 from torchq.primitives.activation import quantize_per_token_int8
@@ -55,10 +57,37 @@ class _tune:
         ops._tune(self.name, self.old)
 
 
-def bf16_isas() -> list[str]:
-    """ISA paths that can run the bf16 GEMM: emulated on AVX2 / portable, native vdpbf16ps
-    on AVX-512 (only where the CPU has AVX512-BF16)."""
-    return [i for i in isas() if i != "avx512" or ops._native_bf16()]
+def bf16_routes() -> list[tuple[str, dict]]:
+    """(ISA path, tunables) for every bf16 route this CPU can run from one row on: torchq's
+    bf16 GEMM (native vdpbf16ps on avx512/amx where the CPU has AVX512-BF16, emulated on
+    avx2 / scalar) and the oneDNN route (weights dequantized to bf16 + at::mm; the amx
+    path's default, forced on the others)."""
+    routes = []
+    for isa in isas():
+        if isa in ("scalar", "avx2") or ops._native_bf16():
+            routes.append((isa, {"bf16_min_m": 1, "bf16_emulate": 1, "onednn_route": 2}))
+        routes.append((isa, {"bf16_min_m": 1, "onednn_route": 1}))
+    return routes
+
+
+@contextlib.contextmanager
+def tuned(tunables: dict):
+    old = {name: ops._tune(name, value) for name, value in tunables.items()}
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            ops._tune(name, value)
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str):
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
 
 
 class _gemm_min_m:
@@ -176,6 +205,18 @@ def test_int4_weight_only_matches_reference(m, n, groups, group, cut, kind, dtyp
         _check_float_output(y, exact, x, w_deq, b)
 
 
+def _weight_pair(scheme, w):
+    """The same weight with numerics "auto" and "exact" (config exact_fp32=True)."""
+    if scheme == "int4":
+        kw = dict(scheme="int4_weight_only", bits=4, group_size=32, symmetric=False)
+    else:
+        kw = dict(scheme="int8_weight_only", bits=8, group_size=None, symmetric=True)
+    auto = AffineQuantizedTensor.from_float(w, **kw)
+    exact_w = AffineQuantizedTensor.from_float(w, numerics="exact", **kw)
+    assert auto.numerics == "auto" and exact_w.numerics == "exact"
+    return auto, exact_w
+
+
 @HYP
 @given(
     m=st.integers(1, 20),
@@ -183,45 +224,114 @@ def test_int4_weight_only_matches_reference(m, n, groups, group, cut, kind, dtyp
     groups=st.integers(1, 3),
     cut=st.integers(0, 31),
     scheme=st.sampled_from(["int4", "int8"]),
+    precision=st.sampled_from(["high", "medium"]),
     dtype=dtypes,
     data=st.data(),
 )
-def test_bf16_gemm_path_matches_a_reference_that_rounds_the_same_way(m, n, groups, cut, scheme, dtype, data):
-    """From bf16_min_m rows (32; by default only on the avx512 path of AVX512-BF16 CPUs,
-    emulated here on every other ISA path) weights with numerics "auto" compute
-    bf16(x) @ bf16(W)^T in fp32; numerics "exact" (config exact_fp32=True) stays fp32."""
+def test_bf16_routes_match_a_reference_that_rounds_the_same_way(m, n, groups, cut, scheme, precision, dtype, data):
+    """Where the precision rule allows bf16 (bf16/fp16 activations, or fp32 under matmul
+    precision "high"/"medium"), every bf16 route computes bf16(x) @ bf16(W)^T with fp32
+    accumulation; the oneDNN route's result is rounded to bf16 once more. Weights with
+    numerics "exact" (config exact_fp32=True) stay fp32 whatever the setting."""
     k = max(1, groups * 32 - cut)
     torch.manual_seed(data.draw(st.integers(0, 2**16)))
-    w = torch.randn(n, k)
-    if scheme == "int4":
-        auto = quantized(w, "int4_weight_only", 4, 32)
-        exact_w = AffineQuantizedTensor.from_float(w, scheme="int4_weight_only", bits=4, group_size=32, symmetric=False, numerics="exact")
-    else:
-        auto = quantized(w, "int8_weight_only", 8, None, symmetric=True)
-        exact_w = AffineQuantizedTensor.from_float(w, scheme="int8_weight_only", bits=8, group_size=None, symmetric=True, numerics="exact")
-    assert auto.numerics == "auto" and exact_w.numerics == "exact"
+    auto, exact_w = _weight_pair(scheme, torch.randn(n, k))
     x = torch.randn(m, k).to(dtype)
     b = torch.randn(n).to(dtype)
     w_deq = auto.dequantize(torch.float32)
     rounded = x.bfloat16().double() @ w_deq.bfloat16().double().T + b.double()
     exact = x.double() @ w_deq.double().T + b.double()
-    for isa in bf16_isas():
-        with cpu_ext.force_isa(isa), _tune("bf16_min_m", 1), _tune("bf16_emulate", 1):
+    for isa, tunables in bf16_routes():
+        with cpu_ext.force_isa(isa), tuned(tunables), matmul_precision(precision):
+            assert weight_only_route(x.dtype, m) in ("bf16_gemm", "onednn_bf16")
             y = F.linear(x, auto, b)
             y_exact = F.linear(x, exact_w, b)
-        _check_float_output(y, rounded, x.bfloat16().float(), w_deq.bfloat16().float(), b)
+        bound_x, bound_w = x.bfloat16().float(), w_deq.bfloat16().float()
+        if tunables.get("onednn_route") == 1:
+            # oneDNN's product is rounded to bf16, the bias added after, then y's dtype rounds
+            product = (rounded - b.double()).abs()
+            bound = _fp32_bound(bound_x, bound_w, b) + 2.0**-8 * (product + rounded.abs())
+            assert bool(((y.double() - rounded).abs() <= bound).all())
+        else:
+            _check_float_output(y, rounded, bound_x, bound_w, b)
         _check_float_output(y_exact, exact, x, w_deq, b)
 
 
+@HYP
+@given(
+    m=st.integers(1, 40),
+    n=st.integers(1, 40),
+    k=st.integers(1, 100),
+    scheme=st.sampled_from(["int4", "int8"]),
+    data=st.data(),
+)
+def test_fp32_activations_get_fp32_arithmetic_under_highest_precision_on_every_route(m, n, k, scheme, data):
+    """PyTorch's default matmul precision ("highest"): fp32 activations get fp32 arithmetic
+    at every M on every ISA path, even with every bf16 route switched on from one row:
+    the result equals F.linear(x, w.dequantize(), bias) to fp32 summation-order tolerance."""
+    torch.manual_seed(data.draw(st.integers(0, 2**16)))
+    auto, _ = _weight_pair(scheme, torch.randn(n, k))
+    x, b = torch.randn(m, k), torch.randn(n)
+    w_deq = auto.dequantize(torch.float32)
+    exact = x.double() @ w_deq.double().T + b.double()
+    for isa, tunables in bf16_routes():
+        with cpu_ext.force_isa(isa), tuned(tunables), matmul_precision("highest"):
+            assert weight_only_route(torch.float32, m) == "fp32"
+            y = F.linear(x, auto, b)
+        _check_float_output(y, exact, x, w_deq, b)
+        torch.testing.assert_close(y, F.linear(x, w_deq, b), rtol=1e-5, atol=1e-5)
+
+
+def test_route_follows_the_precision_setting_at_call_time():
+    """The same weight, called again after torch.set_float32_matmul_precision, switches route."""
+    with tuned({"bf16_min_m": 1, "onednn_route": 1}):
+        with matmul_precision("highest"):
+            assert weight_only_route(torch.float32, 64) == "fp32"
+            assert weight_only_route(torch.bfloat16, 64) == "onednn_bf16"
+            assert weight_only_route(torch.float32, 64, "exact") == "fp32"
+        with matmul_precision("high"):
+            assert weight_only_route(torch.float32, 64) == "onednn_bf16"
+            assert weight_only_route(torch.bfloat16, 64, "exact") == "fp32"
+    if cpu_ext.current_isa() in ("avx2", "scalar"):
+        with matmul_precision("high"):  # no bf16 dot product on these paths: fp32 by default
+            assert weight_only_route(torch.float32, 4096) == "fp32"
+            assert weight_only_route(torch.bfloat16, 4096) == "fp32"
+
+
 def test_bf16_path_is_off_by_default_without_native_bf16():
-    """Without a native bf16 dot product the bf16 GEMM would only cost accuracy: fp32 stays."""
-    if ops._native_bf16() and cpu_ext.current_isa() == "avx512":
-        pytest.skip("this CPU runs the bf16 path natively by default")
+    """Without a native bf16 dot product the bf16 GEMM would only cost accuracy: fp32 stays,
+    even where the precision setting allows bf16."""
+    if cpu_ext.current_isa() in ("avx512", "amx") and ops._native_bf16():
+        pytest.skip("this CPU runs a bf16 route natively by default")
     torch.manual_seed(0)
     t = quantized(torch.randn(24, 64), "int4_weight_only", 4, 32)
     x = torch.randn(40, 64)
     exact = x.double() @ t.dequantize(torch.float32).double().T
-    _check_float_output(F.linear(x, t), exact, x, t.dequantize(torch.float32), None)
+    with matmul_precision("medium"):
+        _check_float_output(F.linear(x, t), exact, x, t.dequantize(torch.float32), None)
+
+
+def test_torch_compile_honours_the_precision_setting():
+    """torch.compile reads the setting at trace time and guards on it: changing it recompiles,
+    and the graph passes the new rule to the kernel."""
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+    torch._dynamo.reset()
+    model = nn.Linear(64, 32)
+    torchq.quantize_(model, torchq.int4_weight_only(group_size=32))
+    backend = AotEagerAndRecordGraphs()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    x = torch.randn(40, 64)
+    with matmul_precision("highest"):
+        compiled(x)
+    with matmul_precision("high"):
+        compiled(x)
+    with matmul_precision("highest"):
+        compiled(x)
+    assert len(backend.fw_graphs) == 2
+    calls = [line for g in backend.fw_graphs for line in g.code.splitlines() if "torchq.int4_linear" in line]
+    assert len(calls) == 2 and "True" not in calls[0] and calls[1].rstrip().split(";")[0].endswith("True)")
+    torch._dynamo.reset()
 
 
 def test_numerics_option_round_trips_through_configs_and_checkpoints(tmp_path):
@@ -547,3 +657,43 @@ def test_gradients_flow_to_activations_and_bias(scheme):
     F.linear(x, t, b).backward(g)
     torch.testing.assert_close(x.grad, g @ t.dequantize(torch.float32), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(b.grad, g.sum(0))
+
+
+# ---------------------------------------------------------------------- CPU report
+def test_cpu_report_names_features_paths_and_routes():
+    from torchq.kernels.cpu_info import cpu_features, cpu_report, cpu_summary
+
+    feats = set(cpu_features())
+    if "avx2" in isas():
+        assert {"avx2", "fma", "f16c"} <= feats
+    if "avx512" in isas():
+        assert {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "os_zmm_state"} <= feats
+    if "amx" in isas():
+        assert {"amx_tile", "amx_bf16", "amx_int8", "os_tile_state"} <= feats
+    assert bool(ops._native_bf16()) == ("avx512_bf16" in feats and "avx512" in isas())
+    text = cpu_report()
+    assert f"in use: {cpu_ext.current_isa()}" in text and "float32 matmul precision: highest" in text
+    assert cpu_ext.current_isa() in cpu_summary()
+    r = _run("import runpy; runpy.run_module('torchq.kernels', run_name='__main__')")
+    assert r.returncode == 0 and "kernel paths:" in r.stdout, r.stderr
+
+
+def test_explain_arithmetic_follows_the_precision_setting():
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 16))
+    torchq.quantize_(model, torchq.int4_weight_only(group_size=32), overrides={"1": torchq.int8_dynamic_activation_int8_weight()})
+    rows = lambda: {r["layer"]: r["arithmetic"] for r in torchq.explain_rows(model)}  # noqa: E731
+    with matmul_precision("highest"):
+        assert rows() == {"0": "fp32", "1": "int8 x int8 -> int32"}
+    with tuned({"onednn_route": 1}), matmul_precision("high"):
+        assert rows()["0"] == "fp32 (M<32), onednn_bf16 (M>=32)"
+        assert "kernel path:" in torchq.explain(model, print_table=False).splitlines()[-1]
+
+
+def test_torchq_tune_env_sets_tunables_and_rejects_bad_items():
+    code = "import torch, torchq\nfrom torchq.kernels import cpu_ext\ncpu_ext.load()\nprint(torch.ops.torchq._tune('bf16_min_m', -1))"
+    r = _run(code, TORCHQ_TUNE="bf16_min_m=5, onednn_route=1")
+    assert r.returncode == 0 and r.stdout.strip() == "5", r.stderr
+    r = _run(code, TORCHQ_TUNE="bf16_min_m")
+    assert r.returncode != 0 and "TORCHQ_TUNE" in r.stderr
+    r = _run(code, TORCHQ_TUNE="no_such_knob=1")
+    assert r.returncode != 0 and "unknown tunable" in r.stderr

@@ -1,6 +1,7 @@
 """quantize_: report, overrides, filter_fn, tied weights, padding policies, bad input, explain."""
 
 import logging
+import re
 
 import pytest
 import torch
@@ -142,17 +143,19 @@ def test_empty_layer_is_reported_as_skipped(caplog):
 def test_explain_table():
     model = tiny()
     torchq.quantize_(model, torchq.int4_weight_only(group_size=64), overrides={"up": torchq.int8_weight_only()})
-    text = torchq.explain(model, print_table=False)
+    text, host = torchq.explain(model, print_table=False).rsplit("\n", 1)
+    # the last line names this CPU's kernel path: the one host-dependent line
+    assert re.fullmatch(r"kernel path: (scalar|avx2|avx512|amx); float32 matmul precision: highest", host), host
     assert_expected_inline(
         text,
         """\
-layer  kind       scheme            layout           kernel                shape   bytes
------  ---------  ----------------  ---------------  --------------------  ------  -----
-embed  Embedding  int4_weight_only  cpu_int4_tile16  cpu.int4_weight_only  100x64  3700 
-up     Linear     int8_weight_only  cpu_int8_k16     cpu.int8_weight_only  96x64   6528 
-down   Linear     int4_weight_only  cpu_int4_tile16  cpu.int4_weight_only  64x96   4736 
-head   Linear     int4_weight_only  cpu_int4_tile16  cpu.int4_weight_only  100x64  3700 
+layer  kind       scheme            layout           kernel                shape   bytes  arithmetic
+-----  ---------  ----------------  ---------------  --------------------  ------  -----  ----------
+embed  Embedding  int4_weight_only  cpu_int4_tile16  cpu.int4_weight_only  100x64  3700   fp32      
+up     Linear     int8_weight_only  cpu_int8_k16     cpu.int8_weight_only  96x64   6528   fp32      
+down   Linear     int4_weight_only  cpu_int4_tile16  cpu.int4_weight_only  64x96   4736   fp32      
+head   Linear     int4_weight_only  cpu_int4_tile16  cpu.int4_weight_only  100x64  3700   fp32      
 4 quantized modules, 14964 bytes of quantized weights
-cpu.int4_weight_only: fp32: activations widened exactly to fp32, fp32 accumulate (M<8 per-group GEMV, else exact dequantize + fp32 GEMM); on AVX512-BF16 CPUs from M>=32: bf16 GEMM (activations and dequantized weights rounded to bf16, fp32 accumulate) unless the weight's numerics is 'exact' (config exact_fp32=True)
-cpu.int8_weight_only: fp32: activations widened exactly to fp32, fp32 accumulate (M<8 per-group GEMV, else exact dequantize + fp32 GEMM); on AVX512-BF16 CPUs from M>=32: bf16 GEMM (activations and dequantized weights rounded to bf16, fp32 accumulate) unless the weight's numerics is 'exact' (config exact_fp32=True)""",
+cpu.int4_weight_only: fp32: activations widened exactly to fp32, fp32 accumulate (M<8 per-group GEMV, else exact dequantize + fp32 GEMM); where the precision rule allows bf16 (bf16/fp16 activations, or fp32 matmul precision 'high'/'medium') and the CPU has bf16 dot products, from M>=32: bf16 products, fp32 accumulate (amx path: oneDNN GEMM on bf16-dequantized weights, bf16 result; avx512-bf16: torchq's bf16 GEMM); never for weights with numerics 'exact' (config exact_fp32=True)
+cpu.int8_weight_only: fp32: activations widened exactly to fp32, fp32 accumulate (M<8 per-group GEMV, else exact dequantize + fp32 GEMM); where the precision rule allows bf16 (bf16/fp16 activations, or fp32 matmul precision 'high'/'medium') and the CPU has bf16 dot products, from M>=32: bf16 products, fp32 accumulate (amx path: oneDNN GEMM on bf16-dequantized weights, bf16 result; avx512-bf16: torchq's bf16 GEMM); never for weights with numerics 'exact' (config exact_fp32=True)""",
     )

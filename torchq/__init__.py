@@ -35,7 +35,7 @@ from .codebook_configs import (
     nf4_weight_only,
 )
 from . import codebook_handlers  # noqa: F401  (registers the NF4 / FP4 handlers)
-from .explain import explain
+from .explain import explain, explain_rows
 from .handlers import register_handler
 from .api import register_after_quantize as _register_after_quantize
 from .integrations import install_transformers_hook as _install_transformers_hook
@@ -75,6 +75,7 @@ __all__ = [
     "QuantizationReport",
     "LayerReport",
     "explain",
+    "explain_rows",
     "save_file",
     "load_file",
     "load_gguf",

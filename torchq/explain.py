@@ -1,4 +1,5 @@
-"""``torchq.explain(model)``: which scheme, layout and kernel every quantized layer runs."""
+"""``torchq.explain(model)``: which scheme, layout and kernel every quantized layer runs, and in
+which arithmetic under this CPU's kernel path and the current precision setting."""
 
 from __future__ import annotations
 
@@ -7,6 +8,15 @@ from torch import nn
 from .tensors.base import TorchqTensor
 
 __all__ = ["explain", "explain_rows"]
+
+
+def _host_line() -> str:
+    import torch
+
+    from .kernels import cpu_ext
+
+    path = cpu_ext.current_isa() if cpu_ext.available() else "reference kernels (C++ build failed)"
+    return f"kernel path: {path}; float32 matmul precision: {torch.get_float32_matmul_precision()}"
 
 
 def explain_rows(model: nn.Module) -> list[dict]:
@@ -25,9 +35,20 @@ def explain_rows(model: nn.Module) -> list[dict]:
                 kernel=getattr(w, "kernel", "?"),
                 shape="x".join(str(s) for s in w.shape),
                 bytes=w.nbytes_quantized,
+                arithmetic=_arithmetic_now(getattr(w, "kernel", "?"), w),
             )
         )
     return rows
+
+
+def _arithmetic_now(name: str, weight) -> str:
+    """What the layer's kernel computes in now, for activations of the weight's dtype."""
+    from .kernels.registry import get_kernel
+
+    try:
+        return get_kernel(name).arithmetic(weight)
+    except KeyError:
+        return "unknown kernel"
 
 
 def _kernel_note(name: str) -> str:
@@ -41,14 +62,16 @@ def _kernel_note(name: str) -> str:
 
 
 def explain(model: nn.Module, print_table: bool = True) -> str:
-    """A table of every quantized layer: scheme, layout, kernel, weight bytes, then one line per
-    kernel used with its numerics (what precision activations are computed in). Printed and returned.
+    """A table of every quantized layer: scheme, layout, kernel, weight bytes and the arithmetic
+    it runs now (this CPU's kernel path, ``torch.get_float32_matmul_precision()``, activations
+    of the weight's dtype), then one line per kernel used with its numerics on every host, and
+    the CPU line (``python -m torchq.kernels`` prints the full CPU report). Printed and returned.
 
     A weight shared by several modules (tied embedding / LM head) is listed under each but
     counted once in the total.
     """
     rows = explain_rows(model)
-    headers = ["layer", "kind", "scheme", "layout", "kernel", "shape", "bytes"]
+    headers = ["layer", "kind", "scheme", "layout", "kernel", "shape", "bytes", "arithmetic"]
     cells = [[str(r[h]) for h in headers] for r in rows]
     widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(headers)]
     fmt = "  ".join("{:<%d}" % w for w in widths)
@@ -63,6 +86,7 @@ def explain(model: nn.Module, print_table: bool = True) -> str:
     lines.append(f"{len(rows)} quantized modules, {total} bytes of quantized weights")
     for name in sorted({r["kernel"] for r in rows}):
         lines.append(f"{name}: {_kernel_note(name)}")
+    lines.append(_host_line())
     text = "\n".join(lines)
     if print_table:
         print(text)

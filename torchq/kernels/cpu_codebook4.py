@@ -5,7 +5,7 @@ integer kernels): the 16 table values live in registers (AVX-512: one ``vpermps`
 two 8-entry ``vpermps`` and a blend), fp32 / bf16 / fp16 activations are widened exactly,
 bias is fused, any M (GEMV tiles below ``GEMM_MIN_M`` rows; from there the weight is
 dequantized exactly as the reference does, block by block, into an fp32 GEMM
-micro-kernel). Double-quantized scales stay 8-bit in memory; each thread decodes them a
+micro-kernel; bf16 routes only under the precision rule, as for the integer kernels). Double-quantized scales stay 8-bit in memory; each thread decodes them a
 few tiles at a time right before use (measured cost at M=1, 1 thread: 1.0-1.2x the plain
 NF4 time).
 
@@ -33,7 +33,8 @@ import torch
 from ..primitives.codebook import CODEBOOK_FORMATS, codebook_values, dynamic_map
 from ..tensors.layouts import Layout, register_layout
 from . import cpu_ext
-from .cpu_kernels import GEMM_MIN_M
+from .cpu_kernels import WEIGHT_ONLY_NUMERICS, weight_only_arithmetic
+from .numerics import bf16_allowed
 from .cpu_layouts import _int4_from, _int4_rows, _int4_to
 from .registry import LinearKernel, register_kernel
 
@@ -75,22 +76,21 @@ def _rows(fields: dict, index: torch.Tensor) -> dict:
 
 
 def codebook4_linear(x: torch.Tensor, w, bias):
-    """One ``torch.ops.torchq.codebook4_linear`` call (bias fused, output in ``x.dtype``)."""
+    """One ``torch.ops.torchq.codebook4_linear`` call (bias fused, output in ``x.dtype``;
+    bf16 products only as the precision rule allows, :mod:`torchq.kernels.numerics`)."""
+    allow = bf16_allowed(x.dtype)
     if w.double_quant:
         return torch.ops.torchq.codebook4_linear.default(
-            x, w.qdata, w.scale_q, w.lut, bias, w.block_size, w.dq_code, w.scale_absmax, w.scale_offset
+            x, w.qdata, w.scale_q, w.lut, bias, w.block_size, w.dq_code, w.scale_absmax, w.scale_offset, allow
         )
-    return torch.ops.torchq.codebook4_linear.default(x, w.qdata, w.scale, w.lut, bias, w.block_size)
+    return torch.ops.torchq.codebook4_linear.default(
+        x, w.qdata, w.scale, w.lut, bias, w.block_size, None, None, None, allow
+    )
 
 
 def _accepts(w) -> bool:
     return w.qdata.device.type == "cpu"
 
-
-_NUMERICS = (
-    "fp32: bf16/fp16/fp32 activations widened to fp32, table in registers, fp32 accumulate; M<{m}: per-block "
-    "GEMV (y += s * sum table[q] x), M>={m}: exact dequantize + fp32 GEMM"
-).format(m=GEMM_MIN_M)
 
 CODEBOOK4_LAYOUTS: dict[str, Layout] = {}
 CODEBOOK4_KERNELS: list[LinearKernel] = []
@@ -115,7 +115,8 @@ for _scheme in sorted(CODEBOOK_FORMATS):
                 priority=10,
                 available=cpu_ext.available,
                 accepts=_accepts,
-                numerics=_NUMERICS,
+                numerics=WEIGHT_ONLY_NUMERICS,
+                arithmetic=weight_only_arithmetic,
             )
         )
     )

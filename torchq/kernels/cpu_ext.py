@@ -9,9 +9,13 @@ It is built with ``-O3 -fopenmp`` (and linked with OpenMP) so that ``at::paralle
 really runs on all ``torch.get_num_threads()`` threads.
 
 One build runs on any x86-64 machine: per-ISA units (AVX-512 with VNNI, AVX2 + FMA + F16C,
-portable) are chosen at run time from ``cpuid``. ``TORCHQ_ISA=avx512|avx2|scalar`` forces
-a path (an error if this CPU lacks it); :func:`force_isa` does the same in a ``with``
-block. If the build fails, torchq warns once and the reference kernels are used
+portable) are chosen at run time from ``cpuid``. The ``amx`` path is the AVX-512 kernels
+plus the oneDNN route for large M (library GEMMs on AMX tiles); it exists only where
+cpuid has AMX-TILE/BF16/INT8, the OS enables tile state and Linux grants the process the
+tile-data permission (``arch_prctl(ARCH_REQ_XCOMP_PERM)``), so it can never SIGILL.
+``TORCHQ_ISA=amx|avx512|avx2|scalar`` forces a path (an error if this CPU lacks it);
+:func:`force_isa` does the same in a ``with`` block. ``TORCHQ_TUNE=name=value,...`` sets kernel tunables at load (:func:`apply_tunables`).
+If the build fails, torchq warns once and the reference kernels are used
 (:func:`available` returns False).
 """
 
@@ -28,9 +32,19 @@ from typing import Iterator, Optional
 
 import torch
 
-__all__ = ["available", "load", "build_error", "ISAS", "supported_isas", "current_isa", "set_isa", "force_isa"]
+__all__ = [
+    "available",
+    "load",
+    "build_error",
+    "ISAS",
+    "supported_isas",
+    "current_isa",
+    "set_isa",
+    "force_isa",
+    "apply_tunables",
+]
 
-ISAS = ("scalar", "avx2", "avx512")
+ISAS = ("scalar", "avx2", "avx512", "amx")
 _CSRC = Path(__file__).with_name("csrc")
 _CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-Wno-unknown-pragmas"]
 _LDFLAGS = ["-fopenmp"]
@@ -86,6 +100,20 @@ def _apply_env_isa() -> None:
     env = os.environ.get("TORCHQ_ISA")
     if env:
         set_isa(env.strip().lower())
+    tune = os.environ.get("TORCHQ_TUNE")
+    if tune:
+        apply_tunables(tune)
+
+
+def apply_tunables(spec: str) -> None:
+    """Set kernel tunables from ``"name=value,name=value"`` (the ``TORCHQ_TUNE`` variable):
+    e.g. ``onednn_route=1,bf16_emulate=1`` makes this CPU take the routes an AMX or
+    AVX512-BF16 host takes (slowly), so a whole test run can check them here."""
+    for item in filter(None, (p.strip() for p in spec.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or not value.strip().lstrip("-").isdigit():
+            raise ValueError(f"TORCHQ_TUNE: expected name=integer items separated by commas, got {item!r}")
+        torch.ops.torchq._tune(name.strip(), int(value))
 
 
 def load() -> None:

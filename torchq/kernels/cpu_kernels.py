@@ -8,16 +8,20 @@ with ``act_scale`` / ``perm`` (AWQ, SmoothQuant, GPTQ act-order) go through
 Numerics (all ISA paths; AVX-512 hosts run the same algorithms with 16-lane vectors and
 VNNI):
 
-* weight-only int4 / int8: fp32 math, for fp32, bf16 and fp16 activations (bf16/fp16 are
-  widened exactly). Below ``GEMM_MIN_M`` rows a GEMV kernel accumulates ``sum_k u*x`` per
-  group in fp32 and applies ``s * acc + zt * sum_k x``; from ``GEMM_MIN_M`` rows the weight
-  is dequantized exactly as ``dequantize_affine`` does and multiplied by an fp32 FMA
-  micro-kernel. On CPUs with AVX512-BF16 only, from ``BF16_MIN_M`` rows, weights whose
-  ``numerics`` is ``"auto"`` (the default) run a bf16 GEMM instead: activations and the
-  dequantized weight rounded to bf16 (nearest even), products accumulated in fp32 - what a
-  bf16 dense layer computes - at about twice the fp32 rate. ``exact_fp32=True`` in the
-  config (``numerics="exact"`` on the weight, kept in checkpoints) keeps fp32 at every M.
-  AVX2 and portable CPUs have no faster bf16 dot product, so they compute in fp32 always.
+* weight-only int4 / int8 (and the 4-bit codebooks): fp32 math for fp32, bf16 and fp16
+  activations (bf16/fp16 are widened exactly), unless the precision rule
+  (:mod:`torchq.kernels.numerics`: bf16/fp16 activations, or fp32 activations under
+  ``torch.set_float32_matmul_precision("high"|"medium")``) allows bf16 products. Below
+  ``GEMM_MIN_M`` rows a GEMV kernel accumulates ``sum_k u*x`` per group in fp32 and applies
+  ``s * acc + zt * sum_k x``; from ``GEMM_MIN_M`` rows the weight is dequantized exactly as
+  ``dequantize_affine`` does and multiplied by an fp32 FMA micro-kernel. Where bf16 is
+  allowed, from ``BF16_MIN_M`` rows: on the ``amx`` path the weight is dequantized to bf16
+  a chunk of rows at a time and multiplied by oneDNN (``at::mm``, AMX tiles; its bf16
+  result widened to the output dtype); on the ``avx512`` path of CPUs with AVX512-BF16,
+  torchq's bf16 GEMM (activations and dequantized weight rounded to bf16, fp32
+  accumulate). AVX2 and portable CPUs have no faster bf16 dot product: fp32 always.
+  ``exact_fp32=True`` in the config (``numerics="exact"`` on the weight, kept in
+  checkpoints) keeps fp32 whatever the setting.
 * W8A8 / W4A8: activations quantized per token exactly as
   ``torchq.primitives.quantize_per_token_int8``; integer products accumulated exactly in
   int32 (per group for W4A8), then scaled in fp32.
@@ -29,14 +33,15 @@ import torch
 
 from . import cpu_ext
 from . import cpu_layouts  # noqa: F401  (registers the tiled layouts)
+from .numerics import bf16_allowed, weight_only_route
 from .registry import LinearKernel, register_kernel
 
-__all__ = ["GEMM_MIN_M", "CPU_KERNELS"]
+__all__ = ["GEMM_MIN_M", "BF16_MIN_M", "CPU_KERNELS", "WEIGHT_ONLY_NUMERICS"]
 
 #: rows from which the weight-only kernels switch from GEMV to dequantize + GEMM.
 GEMM_MIN_M = 8
-#: rows from which weight-only kernels of ``numerics="auto"`` weights run the bf16 GEMM on
-#: CPUs with AVX512-BF16 (``torch.ops.torchq._native_bf16()``); never on other CPUs.
+#: rows from which weight-only kernels run a bf16 route where the precision rule allows it
+#: and the CPU has a bf16 dot product (``torchq.kernels.numerics.weight_only_route``).
 BF16_MIN_M = 32
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -63,14 +68,14 @@ def _with_prepared_input(fn):
 @_with_prepared_input
 def int4_weight_only_linear(x, w, bias):
     return torch.ops.torchq.int4_linear.default(
-        x, w.qdata, w.scale, w.zero_point, bias, w.group_size, w.quant_min, w.numerics == "exact"
+        x, w.qdata, w.scale, w.zero_point, bias, w.group_size, w.quant_min, bf16_allowed(x.dtype, w.numerics)
     )
 
 
 @_with_prepared_input
 def int8_weight_only_linear(x, w, bias):
     return torch.ops.torchq.int8_linear.default(
-        x, w.qdata, w.scale, w.zero_point, bias, w.group_size, w.numerics == "exact"
+        x, w.qdata, w.scale, w.zero_point, bias, w.group_size, bf16_allowed(x.dtype, w.numerics)
     )
 
 
@@ -111,11 +116,23 @@ def _w8a8_ok(w) -> bool:
     )
 
 
-_WO_NUMERICS = (
+WEIGHT_ONLY_NUMERICS = (
     "fp32: activations widened exactly to fp32, fp32 accumulate (M<{m} per-group GEMV, else exact dequantize + "
-    "fp32 GEMM); on AVX512-BF16 CPUs from M>={b}: bf16 GEMM (activations and dequantized weights rounded to "
-    "bf16, fp32 accumulate) unless the weight's numerics is 'exact' (config exact_fp32=True)"
+    "fp32 GEMM); where the precision rule allows bf16 (bf16/fp16 activations, or fp32 matmul precision "
+    "'high'/'medium') and the CPU has bf16 dot products, from M>={b}: bf16 products, fp32 accumulate "
+    "(amx path: oneDNN GEMM on bf16-dequantized weights, bf16 result; avx512-bf16: torchq's bf16 GEMM); "
+    "never for weights with numerics 'exact' (config exact_fp32=True)"
 ).format(m=GEMM_MIN_M, b=BF16_MIN_M)
+def weight_only_arithmetic(w) -> str:
+    """Route now for activations of the weight's dtype: GEMV rows, then from BF16_MIN_M."""
+    large = weight_only_route(w.dtype, BF16_MIN_M, getattr(w, "numerics", "auto"))
+    return "fp32" if large == "fp32" else f"fp32 (M<{BF16_MIN_M}), {large} (M>={BF16_MIN_M})"
+
+
+def _dynamic_arithmetic(_w) -> str:
+    return "int8 x int8 -> int32"
+
+
 _DYN_NUMERICS = "per-token int8 activations (bit-exact with quantize_per_token_int8), exact int32 accumulate, fp32 scale"
 
 CPU_KERNELS = [
@@ -127,7 +144,8 @@ CPU_KERNELS = [
         priority=10,
         available=cpu_ext.available,
         accepts=_int4_ok,
-        numerics=_WO_NUMERICS,
+        numerics=WEIGHT_ONLY_NUMERICS,
+        arithmetic=weight_only_arithmetic,
     ),
     LinearKernel(
         name="cpu.int8_weight_only",
@@ -137,7 +155,8 @@ CPU_KERNELS = [
         priority=10,
         available=cpu_ext.available,
         accepts=_int8_ok,
-        numerics=_WO_NUMERICS,
+        numerics=WEIGHT_ONLY_NUMERICS,
+        arithmetic=weight_only_arithmetic,
     ),
     LinearKernel(
         name="cpu.intx_weight_only",
@@ -147,7 +166,8 @@ CPU_KERNELS = [
         priority=10,
         available=cpu_ext.available,
         accepts=_int8_ok,
-        numerics=_WO_NUMERICS,
+        numerics=WEIGHT_ONLY_NUMERICS,
+        arithmetic=weight_only_arithmetic,
     ),
     LinearKernel(
         name="cpu.w8a8",
@@ -158,6 +178,7 @@ CPU_KERNELS = [
         available=cpu_ext.available,
         accepts=_w8a8_ok,
         numerics=_DYN_NUMERICS,
+        arithmetic=_dynamic_arithmetic,
     ),
     LinearKernel(
         name="cpu.w4a8",
@@ -168,6 +189,7 @@ CPU_KERNELS = [
         available=cpu_ext.available,
         accepts=_int4_ok,
         numerics=_DYN_NUMERICS + " per group",
+        arithmetic=_dynamic_arithmetic,
     ),
 ]
 for _k in CPU_KERNELS:

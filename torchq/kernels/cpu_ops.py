@@ -17,12 +17,12 @@ def _linear_out(x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @torch.library.register_fake("torchq::int4_linear")
-def _int4_linear(x, qdata, scale, zero_point, bias, group_size, quant_min, exact=False):
+def _int4_linear(x, qdata, scale, zero_point, bias, group_size, quant_min, allow_bf16=False):
     return _linear_out(x, scale.shape[0])
 
 
 @torch.library.register_fake("torchq::int8_linear")
-def _int8_linear(x, qdata, scale, zero_point, bias, group_size, exact=False):
+def _int8_linear(x, qdata, scale, zero_point, bias, group_size, allow_bf16=False):
     return _linear_out(x, scale.shape[0])
 
 
@@ -54,7 +54,9 @@ def _w8a8_int_acc(x, qdata, scale):
 
 
 @torch.library.register_fake("torchq::codebook4_linear")
-def _codebook4_linear(x, qdata, scale, lut, bias, block_size, dq_code=None, dq_absmax=None, dq_offset=None):
+def _codebook4_linear(
+    x, qdata, scale, lut, bias, block_size, dq_code=None, dq_absmax=None, dq_offset=None, allow_bf16=False
+):
     return _linear_out(x, qdata.shape[0])
 
 

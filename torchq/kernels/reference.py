@@ -81,5 +81,6 @@ for _scheme, _layout in (("w8a8", "plain_int8"), ("w4a8", "packed_int4")):
             layout=_layout,
             linear=dynamic_int8_reference,
             numerics="per-token int8 activations, fp32 matmul (plain PyTorch)",
+            arithmetic=lambda _w: "int8 activations, fp32 matmul",
         )
     )

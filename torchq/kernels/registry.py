@@ -41,7 +41,8 @@ class LinearKernel:
     ``linear(x, weight, bias)`` receives the quantized weight tensor (already in
     ``layout``) and returns a tensor of ``x.dtype``. ``accepts(weight_meta)`` may refuse a
     weight (e.g. an unsupported group size); ``available()`` says whether the kernel can
-    run on this machine at all (e.g. the C++ extension built).
+    run on this machine at all (e.g. the C++ extension built). ``numerics`` documents the
+    arithmetic on every host; ``arithmetic(weight)`` says which of it runs here and now.
     """
 
     name: str
@@ -53,6 +54,9 @@ class LinearKernel:
     accepts: Callable[[Any], bool] = _always
     numerics: str = "fp32 accumulate"
     extra: dict = field(default_factory=dict, compare=False)
+    #: ``arithmetic(weight) -> str``: what a call computes in *now* (this CPU's ISA path and
+    #: the current precision setting), for activations of the weight's dtype (torchq.explain)
+    arithmetic: Callable[[Any], str] = field(default=lambda _w: "fp32", compare=False)
 
 
 _KERNELS: dict[str, dict[str, LinearKernel]] = {}

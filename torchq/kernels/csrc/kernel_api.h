@@ -10,6 +10,7 @@ namespace torchq_k {
 
 enum DType : int32_t { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
 enum ZeroKind : int32_t { ZK_NONE = 0, ZK_INT = 1, ZK_FLOAT = 2 };
+enum WeightKind : int32_t { WK_INT4 = 0, WK_INT8 = 1, WK_CB4 = 2 };
 constexpr int TILE = 16;  // output rows per weight tile (one zmm / two ymm of fp32 lanes)
 
 // A quantized weight in a tiled kernel layout (see torchq/kernels/cpu_layouts.py).
@@ -85,6 +86,11 @@ struct KernelTable {
   void (*w8a8)(const QWeight&, const Acts&, const Out&, int64_t t0, int64_t t1);
   // 4-bit codebook (NF4 / FP4) weight-only, int4-tiled codes + q.lut (codebook4_impl.h).
   void (*cb4_wo)(const QWeight&, const Acts&, const Out&, int64_t t0, int64_t t1, int gemm, Scratch s);
+  // Weight tiles [t0, t1) of kind WeightKind dequantized (exactly as the GEMM paths do) and
+  // written transposed, wt[k][n - 16 t0] (row stride ldw), as fp32 or bf16 (out_dt): the
+  // operand of a library GEMM (the oneDNN route of the amx path). wb: GEMM_KC * TILE floats.
+  void (*dequant_t)(const QWeight&, int32_t kind, int64_t t0, int64_t t1, int32_t out_dt, void* wt, int64_t ldw,
+                    float* wb);
 };
 
 const KernelTable* table_scalar();

@@ -781,8 +781,42 @@ static void w8a8(const QWeight& q, const Acts& a, const Out& o, int64_t t0, int6
 
 #include "codebook4_impl.h"
 
+// ------------------------------------------------------------------ dequantize for a library GEMM
+// Weight tiles [t0, t1) dequantized exactly as the GEMM path does (dequant_int4 / _int8 /
+// _cb4), written transposed: wt[k][n - 16 t0] for k < K (row stride ldw), fp32 or bf16
+// (nearest even). Only the real rows of a partial last tile are written. wb: GEMM_KC * TILE
+// floats of scratch.
+static void dequant_t(const QWeight& q, int32_t kind, int64_t t0, int64_t t1, int32_t out_dt, void* wt, int64_t ldw,
+                      float* wb) {
+  const DequantFn deq = kind == WK_INT4 ? dequant_int4 : kind == WK_INT8 ? dequant_int8 : dequant_cb4;
+  for (int64_t t = t0; t < t1; ++t) {
+    const TileRef tr = tile_ref(q, t);
+    const int64_t col = (t - t0) * TILE;
+    for (int64_t kb = 0; kb < q.K; kb += GEMM_KC) {
+      const int64_t kc = imin(GEMM_KC, q.K - kb);
+      deq(q, tr, kb, kc, wb);
+      for (int64_t k = 0; k < kc; ++k) {
+        const float* src = wb + k * TILE;
+        if (tr.rows == TILE) {
+          for (int h = 0; h < H; ++h) {
+            if (out_dt == DT_F32) {
+              V::store((float*)wt + (kb + k) * ldw + col + h * W, V::load(src + h * W));
+            } else {
+              V::store_bf16((uint16_t*)wt + (kb + k) * ldw + col + h * W, V::load(src + h * W));
+            }
+          }
+        } else if (out_dt == DT_F32) {
+          for (int r = 0; r < tr.rows; ++r) ((float*)wt)[(kb + k) * ldw + col + r] = src[r];
+        } else {
+          for (int r = 0; r < tr.rows; ++r) ((uint16_t*)wt)[(kb + k) * ldw + col + r] = tq_f32_to_bf16(src[r]);
+        }
+      }
+    }
+  }
+}
+
 const KernelTable kTable = {
-    TQ_TABLE_NAME, prep_int4_gemv, prep_bf16, prep_f32, quant_act, int4_wo, int8_wo, w4a8, w8a8, cb4_wo,
+    TQ_TABLE_NAME, prep_int4_gemv, prep_bf16, prep_f32, quant_act, int4_wo, int8_wo, w4a8, w8a8, cb4_wo, dequant_t,
 };
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -22,6 +23,8 @@
 
 #if defined(__linux__)
 #include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 #include "kernel_api.h"
@@ -30,7 +33,22 @@ namespace {
 using namespace torchq_k;
 
 // ------------------------------------------------------------------ ISA detection
-enum Isa : int64_t { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+// amx: the avx512 kernels, plus the oneDNN route for large M (library GEMMs, which run on
+// AMX tiles). torchq issues no tile instruction itself; the path is offered only where
+// cpuid has AMX-TILE/BF16/INT8, the OS enables the tile state in XCR0 and Linux grants
+// this process the tile data permission (ARCH_REQ_XCOMP_PERM), as oneDNN requires.
+enum Isa : int64_t { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_AMX = 3 };
+
+// Linux: tile data is usable only after the process asks for it (arch_prctl
+// ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); refused -> no amx path.
+bool request_amx_permission() {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+  constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
 
 uint64_t xcr0() {
   uint32_t lo, hi;
@@ -52,6 +70,11 @@ int64_t detect_supported() {
   const bool f = b & (1u << 16), dq = b & (1u << 17), bw = b & (1u << 30), vl = b & (1u << 31);
   const bool vnni = c & (1u << 11);
   if ((mask & (1 << ISA_AVX2)) && f && dq && bw && vl && vnni && (xcr & 0xE6) == 0xE6) mask |= 1 << ISA_AVX512;
+  const bool amx_bf16 = d & (1u << 22), amx_tile = d & (1u << 24), amx_int8 = d & (1u << 25);
+  const uint64_t tile_state = (uint64_t(1) << 17) | (uint64_t(1) << 18);  // XTILECFG, XTILEDATA
+  if ((mask & (1 << ISA_AVX512)) && amx_bf16 && amx_tile && amx_int8 && (xcr & tile_state) == tile_state &&
+      request_amx_permission())
+    mask |= 1 << ISA_AMX;
   return mask;
 }
 
@@ -61,14 +84,51 @@ bool detect_bf16() {
   return a & (1u << 5);  // AVX512_BF16 (vdpbf16ps)
 }
 
+// The x86 features the kernel paths depend on, by name (python -m torchq.kernels).
+std::string cpu_features() {
+  std::string out;
+  auto add = [&](bool on, const char* name) {
+    if (!on) return;
+    if (!out.empty()) out += ' ';
+    out += name;
+  };
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return out;
+  add(c & (1u << 12), "fma");
+  add(c & (1u << 29), "f16c");
+  const bool osxsave = c & (1u << 27);
+  const uint64_t xcr = osxsave ? xcr0() : 0;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return out;
+  add(b & (1u << 5), "avx2");
+  add(b & (1u << 16), "avx512f");
+  add(b & (1u << 17), "avx512dq");
+  add(b & (1u << 30), "avx512bw");
+  add(b & (1u << 31), "avx512vl");
+  add(c & (1u << 11), "avx512_vnni");
+  add(d & (1u << 23), "avx512_fp16");
+  add(d & (1u << 24), "amx_tile");
+  add(d & (1u << 22), "amx_bf16");
+  add(d & (1u << 25), "amx_int8");
+  add((xcr & 0xE6) == 0xE6, "os_zmm_state");
+  add((xcr & (3u << 17)) == (3u << 17), "os_tile_state");
+  unsigned a1, b1, c1, d1;
+  if (__get_cpuid_count(7, 1, &a1, &b1, &c1, &d1)) {
+    add(a1 & (1u << 4), "avx_vnni");
+    add(a1 & (1u << 5), "avx512_bf16");
+  }
+  return out;
+}
+
 const int64_t kSupported = detect_supported();
 const bool kNativeBf16 = (kSupported & (1 << ISA_AVX512)) && detect_bf16();
-std::atomic<int64_t> g_isa{(kSupported & (1 << ISA_AVX512)) ? ISA_AVX512
-                           : (kSupported & (1 << ISA_AVX2)) ? ISA_AVX2
-                                                            : ISA_SCALAR};
+std::atomic<int64_t> g_isa{(kSupported & (1 << ISA_AMX))      ? ISA_AMX
+                           : (kSupported & (1 << ISA_AVX512)) ? ISA_AVX512
+                           : (kSupported & (1 << ISA_AVX2))   ? ISA_AVX2
+                                                              : ISA_SCALAR};
 
 const KernelTable* table() {
   switch (g_isa.load(std::memory_order_relaxed)) {
+    case ISA_AMX:
     case ISA_AVX512: return table_avx512();
     case ISA_AVX2: return table_avx2();
     default: return table_scalar();
@@ -76,27 +136,47 @@ const KernelTable* table() {
 }
 
 // Tunables (M thresholds of the dequantize + GEMM paths); -1 restores the default.
-// bf16_min_m: from this M, weight-only kernels of weights with numerics "auto" run the
-// bf16 GEMM (activations and dequantized weights rounded to bf16, fp32 accumulate) - on
-// the avx512 path of CPUs with AVX512-BF16 only, where it is faster. Elsewhere there is no
-// bf16 dot product to gain from; bf16_emulate=1 runs the same arithmetic there (tests).
+// Weight-only kernels get allow_bf16 from the caller (torchq's precision rule: bf16 / fp16
+// activations, or torch.get_float32_matmul_precision() "high" / "medium"); without it they
+// compute in fp32 at every M on every CPU. With it, from bf16_min_m rows:
+//  * amx path: the oneDNN route (weight rows dequantized to bf16 a chunk at a time, at::mm
+//    on bf16 activations: oneDNN's AMX GEMM; its bf16 result is widened to the output dtype);
+//  * avx512 path of CPUs with AVX512-BF16: torchq's bf16 GEMM (activations and dequantized
+//    weights rounded to bf16, fp32 accumulate, vdpbf16ps);
+//  * elsewhere there is no bf16 dot product to gain from: fp32. bf16_emulate=1 runs
+//    torchq's bf16 GEMM there (tests); onednn_route=1 runs the oneDNN route on any path
+//    (tests, benchmarks), 2 never.
 constexpr int64_t kBf16MinMDefault = 32;
 std::atomic<int64_t> g_int4_gemm_min_m{8};
 std::atomic<int64_t> g_int8_gemm_min_m{8};
 std::atomic<int64_t> g_bf16_min_m{kBf16MinMDefault};
 std::atomic<int64_t> g_bf16_emulate{0};
+std::atomic<int64_t> g_onednn_route{0};  // 0: on the amx path, 1: always, 2: never
 // Software prefetch distance (bytes) of the GEMV code stream; see kernels_impl.h (pf()).
 constexpr int64_t kPfDistDefault = 8192;
 std::atomic<int64_t> g_pf_dist{kPfDistDefault};
 
-// Whether this call of a weight-only kernel runs the bf16 GEMM.
-bool use_bf16(bool exact, int64_t M) {
-  if (exact || M < g_bf16_min_m.load()) return false;
-  const bool avx512 = g_isa.load() == ISA_AVX512;
-  if (avx512 && kNativeBf16) return true;
-  if (!g_bf16_emulate.load()) return false;
+// Which arithmetic a weight-only call of M rows runs (see the tunables above).
+enum WoRoute { ROUTE_FP32 = 0, ROUTE_BF16_GEMM = 1, ROUTE_ONEDNN = 2 };
+
+WoRoute wo_route(bool allow_bf16, int64_t M, bool has_runner) {
+  if (!allow_bf16 || M < g_bf16_min_m.load()) return ROUTE_FP32;
+  const int64_t isa = g_isa.load(), onednn = g_onednn_route.load();
+  if (!has_runner && (onednn == 1 || (onednn == 0 && isa == ISA_AMX))) return ROUTE_ONEDNN;
+  const bool avx512 = isa == ISA_AVX512 || isa == ISA_AMX;
+  if (avx512 && kNativeBf16) return ROUTE_BF16_GEMM;
+  if (!g_bf16_emulate.load()) return ROUTE_FP32;
   TORCH_CHECK(!avx512, "torchq: the avx512 ISA path runs bf16 only natively (AVX512-BF16), which this CPU lacks");
-  return true;
+  return ROUTE_BF16_GEMM;
+}
+
+// The route's name for torchq.explain: what a call of M rows runs now.
+std::string route_name(bool allow_bf16, int64_t M) {
+  switch (wo_route(allow_bf16, M, false)) {
+    case ROUTE_ONEDNN: return "onednn_bf16";
+    case ROUTE_BF16_GEMM: return "bf16_gemm";
+    default: return "fp32";
+  }
 }
 
 int64_t supported_isas() { return kSupported; }
@@ -115,7 +195,7 @@ int64_t parallel_threads(int64_t n) {
 }
 int64_t get_isa() { return g_isa.load(); }
 void set_isa(int64_t isa) {
-  TORCH_CHECK(isa >= 0 && isa <= 2, "torchq: unknown ISA id ", isa);
+  TORCH_CHECK(isa >= 0 && isa <= 3, "torchq: unknown ISA id ", isa);
   TORCH_CHECK(kSupported & (1 << isa), "torchq: this CPU does not support the requested ISA id ", isa,
               " (supported mask ", kSupported, ")");
   g_isa.store(isa);
@@ -138,9 +218,13 @@ int64_t tune(std::string name, int64_t value) {
   } else if (name == "prefetch_distance") {
     p = &g_pf_dist;
     dflt = kPfDistDefault;
+  } else if (name == "onednn_route") {
+    TORCH_CHECK(value <= 2, "torchq: onednn_route is 0 (amx path), 1 (always) or 2 (never), got ", value);
+    p = &g_onednn_route;
+    dflt = 0;
   }
   TORCH_CHECK(p, "torchq: unknown tunable '", name,
-              "' (known: int4_gemm_min_m, int8_gemm_min_m, bf16_min_m, bf16_emulate, prefetch_distance)");
+              "' (known: int4_gemm_min_m, int8_gemm_min_m, bf16_min_m, bf16_emulate, onednn_route, prefetch_distance)");
   return p->exchange(value < 0 ? dflt : value);
 }
 
@@ -361,10 +445,38 @@ int64_t call_work(const QWeight& q, int64_t M, bool int4) {
 // Runs the kernel over weight tiles [t0, t1) (default: the KernelTable entry of the scheme).
 using TileRunner = std::function<void(const QWeight&, const Acts&, const Out&, int64_t, int64_t, int, Scratch)>;
 
+// The oneDNN route: rows of the weight, a chunk of about kRouteChunkBytes at a time, are
+// dequantized to bf16 (transposed, [K][rows]) by all threads, then multiplied by at::mm
+// with the bf16-rounded activations (oneDNN: AMX or AVX512-BF16 kernels, its own threads).
+// Its bf16 result is widened into y's columns; bias is added in fp32 at the end.
+constexpr int64_t kRouteChunkBytes = int64_t(2) << 20;
+
+void onednn_weight_only(const at::Tensor& x2, at::Tensor& y2, const QWeight& q, int32_t kind, const at::Tensor& b) {
+  const KernelTable* kt = table();
+  const at::Tensor xb = x2.scalar_type() == at::kBFloat16 ? x2 : x2.to(at::kBFloat16);
+  const int64_t tiles = (q.N + TILE - 1) / TILE;
+  const int64_t chunk_tiles = std::max<int64_t>(1, kRouteChunkBytes / (q.K * 2 * TILE));
+  at::Tensor wt = at::empty({q.K, chunk_tiles * TILE}, x2.options().dtype(at::kBFloat16));
+  for (int64_t t0 = 0; t0 < tiles; t0 += chunk_tiles) {
+    const int64_t t1 = std::min(tiles, t0 + chunk_tiles);
+    const int64_t n0 = t0 * TILE, rows = std::min(q.N, t1 * TILE) - n0;
+    at::Tensor wc = wt.narrow(1, 0, rows);
+    uint16_t* wp = (uint16_t*)wt.data_ptr();
+    const int64_t ldw = wt.stride(0);
+    at::parallel_for(t0, t1, 1, [&](int64_t a0, int64_t a1) {
+      float* wb = (float*)tl_gemm.get(sizeof(float) * GEMM_KC * TILE);
+      kt->dequant_t(q, kind, a0, a1, DT_BF16, wp + (a0 - t0) * TILE, ldw, wb);
+    });
+    y2.narrow(1, n0, rows).copy_(at::mm(xb, wc));
+  }
+  if (b.defined()) y2.add_(b.to(y2.scalar_type()));
+}
+
 // lut != null: a 4-bit codebook weight (int4-tiled codes, fp32 scales, 16-entry table).
+// allow_bf16: the caller's precision rule allows bf16 products (wo_route).
 at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
                               const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& bias,
-                              int64_t group, int64_t qmin, bool int4, bool exact, const float* lut = nullptr,
+                              int64_t group, int64_t qmin, bool int4, bool allow_bf16, const float* lut = nullptr,
                               const TileRunner* runner = nullptr) {
   const int32_t xdt = float_dt(x, "activations");
   at::Tensor x2 = rows_of(x);
@@ -375,9 +487,15 @@ at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qdata, cons
   at::Tensor y = at::empty(out_shape(x, q.N), x.options());
   if (M == 0) return y;
   at::Tensor b = bias_f32(bias, q.N);
+  const WoRoute route = wo_route(allow_bf16, M, runner != nullptr);
+  if (route == ROUTE_ONEDNN) {
+    at::Tensor y2 = y.view({M, q.N});
+    onednn_weight_only(x2, y2, q, lut ? WK_CB4 : int4 ? WK_INT4 : WK_INT8, b);
+    return y;
+  }
   Out o = make_out(y, b, q.N);
   const KernelTable* kt = table();
-  const bool bf16 = use_bf16(exact, M);
+  const bool bf16 = route == ROUTE_BF16_GEMM;
   const bool gemm = bf16 || M >= (int4 ? g_int4_gemm_min_m : g_int8_gemm_min_m).load();
   Acts a{};
   a.M = M;
@@ -437,14 +555,14 @@ at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qdata, cons
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
                        const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& bias, int64_t group,
-                       int64_t qmin, bool exact) {
-  return weight_only_linear(x, qdata, scale, zero, bias, group, qmin, true, exact);
+                       int64_t qmin, bool allow_bf16) {
+  return weight_only_linear(x, qdata, scale, zero, bias, group, qmin, true, allow_bf16);
 }
 
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
                        const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& bias, int64_t group,
-                       bool exact) {
-  return weight_only_linear(x, qdata, scale, zero, bias, group, 0, false, exact);
+                       bool allow_bf16) {
+  return weight_only_linear(x, qdata, scale, zero, bias, group, 0, false, allow_bf16);
 }
 
 // ------------------------------------------------------------------ 4-bit codebook (NF4 / FP4)
@@ -479,7 +597,7 @@ void decode_dq_rows(const uint8_t* __restrict qp, const float* __restrict code, 
 // through memory (the tail tile is decoded up front: prepare_weight pads it).
 at::Tensor cb4_dq_linear(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& sq, const float* lut,
                          const c10::optional<at::Tensor>& bias, int64_t block_size, const at::Tensor& code,
-                         const at::Tensor& absmax2, const at::Tensor& offset) {
+                         const at::Tensor& absmax2, const at::Tensor& offset, bool allow_bf16) {
   TORCH_CHECK(sq.dim() == 2 && sq.scalar_type() == at::kByte && sq.is_contiguous(),
               "torchq: double-quantized scales must be contiguous uint8 (N, groups)");
   TORCH_CHECK(code.scalar_type() == at::kFloat && code.numel() == 256 && code.is_contiguous(),
@@ -495,6 +613,16 @@ at::Tensor cb4_dq_linear(const at::Tensor& x, const at::Tensor& qdata, const at:
   const float* ap = absmax2.data_ptr<float>();
   const float off = offset.item<float>();
   const int64_t n_full = N / TILE;
+  if (wo_route(allow_bf16, rows_of(x).size(0), false) == ROUTE_ONEDNN) {
+    // large M: decode every scale once (N x G floats, small next to the GEMM), no runner
+    at::Tensor all = at::empty({N, G}, sq.options().dtype(at::kFloat));
+    float* ap_out = all.data_ptr<float>();
+    at::parallel_for(0, n_full + (N % TILE ? 1 : 0), 1, [&](int64_t a0, int64_t a1) {
+      for (int64_t t = a0; t < a1; ++t)
+        decode_dq_rows(qp, cp, ap, off, G, t * TILE, std::min<int64_t>(TILE, N - t * TILE), ap_out + t * TILE * G);
+    });
+    return weight_only_linear(x, qdata, all, c10::nullopt, bias, block_size, 0, true, true, lut);
+  }
   // Only the partial last tile is written here (uninitialized elsewhere, never read).
   at::Tensor tail = at::empty({N, G}, sq.options().dtype(at::kFloat));
   if (N % TILE) decode_dq_rows(qp, cp, ap, off, G, n_full * TILE, N % TILE, tail.data_ptr<float>() + n_full * TILE * G);
@@ -525,23 +653,25 @@ at::Tensor cb4_dq_linear(const at::Tensor& x, const at::Tensor& qdata, const at:
       tb = te;
     }
   };
-  return weight_only_linear(x, qdata, tail, c10::nullopt, bias, block_size, 0, true, /*exact=*/true, lut, &runner);
+  return weight_only_linear(x, qdata, tail, c10::nullopt, bias, block_size, 0, true, allow_bf16, lut, &runner);
 }
 
 at::Tensor cb4_linear(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale, const at::Tensor& lut,
                       const c10::optional<at::Tensor>& bias, int64_t block_size,
                       const c10::optional<at::Tensor>& dq_code, const c10::optional<at::Tensor>& dq_absmax,
-                      const c10::optional<at::Tensor>& dq_offset) {
+                      const c10::optional<at::Tensor>& dq_offset, bool allow_bf16) {
   TORCH_CHECK(lut.scalar_type() == at::kFloat && lut.numel() == 16 && lut.is_contiguous(),
               "torchq: the codebook must be 16 contiguous fp32 values");
   TORCH_CHECK(qdata.scalar_type() == at::kByte, "torchq: codebook qdata must be uint8 (two codes per byte)");
   if (scale.scalar_type() == at::kByte) {
     TORCH_CHECK(dq_code.has_value() && dq_absmax.has_value() && dq_offset.has_value(),
                 "torchq: uint8 (double-quantized) scales need dq_code, dq_absmax and dq_offset");
-    return cb4_dq_linear(x, qdata, scale, lut.data_ptr<float>(), bias, block_size, *dq_code, *dq_absmax, *dq_offset);
+    return cb4_dq_linear(x, qdata, scale, lut.data_ptr<float>(), bias, block_size, *dq_code, *dq_absmax, *dq_offset,
+                         allow_bf16);
   }
   TORCH_CHECK(scale.scalar_type() == at::kFloat, "torchq: codebook block scales must be fp32 (or uint8 double-quantized)");
-  return weight_only_linear(x, qdata, scale, c10::nullopt, bias, block_size, 0, true, /*exact=*/true, lut.data_ptr<float>());
+  return weight_only_linear(x, qdata, scale, c10::nullopt, bias, block_size, 0, true, allow_bf16,
+                            lut.data_ptr<float>());
 }
 
 // ------------------------------------------------------------------ dynamic int8 ops
@@ -738,9 +868,9 @@ at::Tensor empty_huge(at::IntArrayRef sizes, at::ScalarType dtype) {
 
 TORCH_LIBRARY(torchq, m) {
   m.def("int4_linear(Tensor x, Tensor qdata, Tensor scale, Tensor? zero_point, Tensor? bias, int group_size, "
-        "int quant_min, bool exact=False) -> Tensor");
+        "int quant_min, bool allow_bf16=False) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor qdata, Tensor scale, Tensor? zero_point, Tensor? bias, int group_size, "
-        "bool exact=False) -> Tensor");
+        "bool allow_bf16=False) -> Tensor");
   m.def("w4a8_linear(Tensor x, Tensor qdata, Tensor scale, Tensor? zero_point, Tensor? bias, int group_size, "
         "int quant_min) -> Tensor");
   m.def("w8a8_linear(Tensor x, Tensor qdata, Tensor scale, Tensor? bias) -> Tensor");
@@ -748,10 +878,12 @@ TORCH_LIBRARY(torchq, m) {
   m.def("w8a8_int_acc(Tensor x, Tensor qdata, Tensor scale) -> Tensor");
   m.def("quantize_per_token_int8(Tensor x) -> (Tensor, Tensor)");
   m.def("codebook4_linear(Tensor x, Tensor qdata, Tensor scale, Tensor lut, Tensor? bias, int block_size, "
-        "Tensor? dq_code=None, Tensor? dq_absmax=None, Tensor? dq_offset=None) -> Tensor");
+        "Tensor? dq_code=None, Tensor? dq_absmax=None, Tensor? dq_offset=None, bool allow_bf16=False) -> Tensor");
   m.def("_empty_huge(int[] size, ScalarType dtype) -> Tensor", &empty_huge);
   m.def("_supported_isas() -> int", &supported_isas);
   m.def("_native_bf16() -> bool", &native_bf16);
+  m.def("_cpu_features() -> str", &cpu_features);
+  m.def("_weight_only_route(bool allow_bf16, int m) -> str", &route_name);
   m.def("_get_isa() -> int", &get_isa);
   m.def("_set_isa(int isa) -> ()", &set_isa);
   m.def("_tune(str name, int value) -> int", &tune);

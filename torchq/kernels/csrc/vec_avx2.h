@@ -31,6 +31,14 @@ struct VecAVX2 {
   static inline void store_f16(uint16_t* p, F a) {
     _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
+  // bf16 rounded to nearest even (no NaN quieting: dequantized weights are finite)
+  static inline void store_bf16(uint16_t* p, F a) {
+    const __m256i u = _mm256_castps_si256(a);
+    const __m256i r = _mm256_srli_epi32(
+        _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), _mm256_and_si256(_mm256_srli_epi32(u, 16),
+                                                                                      _mm256_set1_epi32(1)))), 16);
+    _mm_storeu_si128((__m128i*)p, _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+  }
 
   static inline I izero() { return _mm256_setzero_si256(); }
   static inline I set1i(int32_t a) { return _mm256_set1_epi32(a); }

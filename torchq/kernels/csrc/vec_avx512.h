@@ -31,6 +31,13 @@ struct VecAVX512 {
   static inline void store_f16(uint16_t* p, F a) {
     _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
+  // bf16 rounded to nearest even (no NaN quieting: dequantized weights are finite)
+  static inline void store_bf16(uint16_t* p, F a) {
+    const __m512i u = _mm512_castps_si512(a);
+    const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                                                           _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+  }
 
   static inline I izero() { return _mm512_setzero_si512(); }
   static inline I set1i(int32_t a) { return _mm512_set1_epi32(a); }

@@ -31,6 +31,7 @@ struct VecScalar {
   static inline F load_f16(const uint16_t* p) { F r; TQ_LANES r.v[l] = tq_f16_to_f32(p[l]); return r; }
   static inline F load_bf16(const uint16_t* p) { F r; TQ_LANES r.v[l] = tq_bf16_to_f32(p[l]); return r; }
   static inline void store_f16(uint16_t* p, F a) { TQ_LANES p[l] = tq_f32_to_f16(a.v[l]); }
+  static inline void store_bf16(uint16_t* p, F a) { TQ_LANES p[l] = tq_f32_to_bf16(a.v[l]); }
 
   static inline I izero() { I r; TQ_LANES r.v[l] = 0; return r; }
   static inline I set1i(int32_t a) { I r; TQ_LANES r.v[l] = a; return r; }
