@@ -292,8 +292,8 @@ def test_route_follows_the_precision_setting_at_call_time():
         with matmul_precision("high"):
             assert weight_only_route(torch.float32, 64) == "onednn_bf16"
             assert weight_only_route(torch.bfloat16, 64, "exact") == "fp32"
-    if cpu_ext.current_isa() in ("avx2", "scalar"):
-        with matmul_precision("high"):  # no bf16 dot product on these paths: fp32 by default
+    if cpu_ext.current_isa() in ("avx2", "scalar"):  # no bf16 dot product on these paths: fp32 by default
+        with matmul_precision("high"), tuned({"onednn_route": 0, "bf16_emulate": 0, "bf16_min_m": -1}):
             assert weight_only_route(torch.float32, 4096) == "fp32"
             assert weight_only_route(torch.bfloat16, 4096) == "fp32"
 
@@ -307,7 +307,7 @@ def test_bf16_path_is_off_by_default_without_native_bf16():
     t = quantized(torch.randn(24, 64), "int4_weight_only", 4, 32)
     x = torch.randn(40, 64)
     exact = x.double() @ t.dequantize(torch.float32).double().T
-    with matmul_precision("medium"):
+    with matmul_precision("medium"), tuned({"onednn_route": 0, "bf16_emulate": 0, "bf16_min_m": -1}):
         _check_float_output(F.linear(x, t), exact, x, t.dequantize(torch.float32), None)
 
 
