@@ -226,7 +226,38 @@ def machine_info() -> dict[str, Any]:
         "torchao": _version("torchao"),
         "bitsandbytes": _version("bitsandbytes"),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        **_torchq_paths(),
     }
+
+
+def _torchq_paths() -> dict[str, Any]:
+    """torchq's kernel paths on this CPU and the one in use (empty if the kernels did not build)."""
+    try:
+        from torchq.kernels import cpu_ext
+
+        if cpu_ext.available():
+            return {"torchq_paths": cpu_ext.supported_isas(), "torchq_path": cpu_ext.current_isa()}
+    except Exception:  # noqa: BLE001 - a header fact, never a reason to stop a benchmark
+        pass
+    return {}
+
+
+#: kinds of CPU that get a README table each, best first: (kind, torchq path that defines it, title)
+CPU_KINDS = (
+    ("amx", "amx", "AVX-512 with AMX"),
+    ("avx512", "avx512", "AVX-512 (no AMX)"),
+    ("avx2", "avx2", "AVX2 only"),
+    ("scalar", "scalar", "no AVX2"),
+)
+
+
+def cpu_kind(info: dict[str, Any]) -> tuple[str, str]:
+    """(kind, title) of the machine in ``machine_info`` output: its best torchq kernel path."""
+    paths = info.get("torchq_paths") or []
+    for kind, path, title in CPU_KINDS:
+        if path in paths:
+            return kind, title
+    return "unknown", "kernels unavailable"
 
 
 def machine_summary(info: dict[str, Any]) -> str:
@@ -236,12 +267,25 @@ def machine_summary(info: dict[str, Any]) -> str:
     extra = f" (no {', '.join(missing)})" if missing else ""
     llc = f", LLC {info['llc_mib']:.0f} MiB" if info.get("llc_mib") else ""
     peers = ", ".join(f"{k} {info[k]}" for k in ("torchao", "bitsandbytes") if info.get(k))
+    path = f"; torchq kernel path {info['torchq_path']} of {'/'.join(info['torchq_paths'])}" if info.get("torchq_path") else ""
     return (
-        f"{info['cpu']}, {info['cores']} cores{llc}; ISA: {isa}{extra}; torch {info['torch']} "
+        f"{info['cpu']}, {info['cores']} cores{llc}; ISA: {isa}{extra}{path}; torch {info['torch']} "
         f"(cpu capability {info['torch_cpu_capability']}), Python {info['python']}"
         + (f"; {peers}" if peers else "")
         + f"; {info['date']}"
     )
+
+
+def upsert_marked_section(text: str, name: str, body: str, before: str) -> str:
+    """Replace section ``name`` (see :func:`replace_marked_section`), or insert it, marked, right
+    before the line ``before`` when it does not exist yet (other sections stay untouched)."""
+    if f"<!-- {name}:start -->" in text:
+        return replace_marked_section(text, name, body)
+    i = text.find(before)
+    if i < 0:
+        raise ValueError(f"neither section {name!r} nor the anchor {before!r} is in the text; add the anchor")
+    block = f"<!-- {name}:start -->\n{body.strip(chr(10))}\n<!-- {name}:end -->\n\n"
+    return text[:i] + block + text[i:]
 
 
 def replace_marked_section(text: str, name: str, body: str) -> str:

@@ -25,7 +25,9 @@ from torch import nn
 
 __all__ = ["Prepared", "Row", "ShapeContext", "ROWS", "register_row", "torchq_row", "ACT_DTYPES", "BASELINE"]
 
-ACT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}
+#: "fp32 high": fp32 activations under torch.set_float32_matmul_precision("high") (torchq's
+#: precision rule then allows bf16 products; see torchq.kernels.numerics)
+ACT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32, "fp32 high": torch.float32}
 
 #: (row name, act) that speedups are relative to: bf16 dense, eager.
 BASELINE = ("bf16 dense", "bf16")
@@ -153,30 +155,65 @@ register_row("bf16 dense compiled", _dense_compiled, acts=("bf16",), family="den
 
 
 # ---------------------------------------------------------------------- torchq
-def torchq_row(name: str, make_config: Callable[[], Any], acts: tuple[str, ...] = ("fp32", "bf16")) -> None:
+def _call_under(fn: Callable[[Any], Any], precision: Optional[str], tunables: dict) -> Callable[[Any], Any]:
+    """``fn`` run under a float32 matmul precision and kernel tunables (restored after each call)."""
+    if precision is None and not tunables:
+        return fn
+
+    def call(x):
+        old_p = torch.get_float32_matmul_precision()
+        old_t = {k: torch.ops.torchq._tune(k, v) for k, v in tunables.items()}
+        if precision:
+            torch.set_float32_matmul_precision(precision)
+        try:
+            return fn(x)
+        finally:
+            torch.set_float32_matmul_precision(old_p)
+            for k, v in old_t.items():
+                torch.ops.torchq._tune(k, v)
+
+    return call
+
+
+def torchq_row(
+    name: str,
+    make_config: Callable[[], Any],
+    acts: tuple[str, ...] = ("fp32", "bf16"),
+    tunables: Optional[dict] = None,
+) -> None:
     """Register a torchq scheme: ``quantize_`` an ``nn.Linear`` in the activation dtype
-    (as a user would after ``model.to(dtype)``) and time ``F.linear`` on it."""
+    (as a user would after ``model.to(dtype)``) and time ``F.linear`` on it. Act ``"fp32
+    high"`` calls it under matmul precision "high"; ``tunables`` (``torch.ops.torchq._tune``)
+    force a kernel route, to compare routes on one machine."""
 
-    def prepare(ctx: ShapeContext, dtype: torch.dtype) -> Prepared:
-        import torchq
+    def prepare_act(act: str):
+        def prepare(ctx: ShapeContext, dtype: torch.dtype) -> Prepared:
+            import torchq
 
-        cfg = make_config()
-        lin = nn.Linear(ctx.k, ctx.n, bias=False, device="meta")
-        lin.weight = nn.Parameter(ctx.weight.to(dtype), requires_grad=False)
-        report = torchq.quantize_(lin, cfg)
-        w = lin.weight
-        return Prepared(lambda x: F.linear(x, w), w.nbytes_quantized, w.kernel, report.layers[0].note)
+            cfg = make_config()
+            lin = nn.Linear(ctx.k, ctx.n, bias=False, device="meta")
+            lin.weight = nn.Parameter(ctx.weight.to(dtype), requires_grad=False)
+            report = torchq.quantize_(lin, cfg)
+            w = lin.weight
+            fn = _call_under(lambda x: F.linear(x, w), "high" if act == "fp32 high" else None, tunables or {})
+            return Prepared(fn, w.nbytes_quantized, w.kernel, report.layers[0].note)
 
-    register_row(name, prepare, acts=acts, family="torchq")
+        return prepare
+
+    for act in acts:
+        register_row(name, prepare_act(act), acts=(act,), family="torchq")
 
 
 torchq_row("torchq int8 wo", lambda: __import__("torchq").int8_weight_only())
-torchq_row("torchq int4 wo g128", lambda: __import__("torchq").int4_weight_only(group_size=128))
+torchq_row("torchq int4 wo g128", lambda: __import__("torchq").int4_weight_only(group_size=128), ("fp32", "bf16", "fp32 high"))
+# the large-M routes side by side (the amx path's default is the oneDNN route; elsewhere it is forced here)
+torchq_row("torchq int4 wo g128 oneDNN route", lambda: __import__("torchq").int4_weight_only(group_size=128),
+           ("bf16", "fp32 high"), tunables={"onednn_route": 1})
 torchq_row("torchq int4 wo g32", lambda: __import__("torchq").int4_weight_only(group_size=32))
 torchq_row("torchq W8A8", lambda: __import__("torchq").int8_dynamic_activation_int8_weight())
 torchq_row("torchq W4A8 g128", lambda: __import__("torchq").int8_dynamic_activation_int4_weight(group_size=128))
 torchq_row("torchq int4 wo g64", lambda: __import__("torchq").int4_weight_only(group_size=64))
-torchq_row("torchq nf4 b64", lambda: __import__("torchq").nf4_weight_only())
+torchq_row("torchq nf4 b64", lambda: __import__("torchq").nf4_weight_only(), ("fp32", "bf16", "fp32 high"))
 torchq_row("torchq nf4 b64 dq", lambda: __import__("torchq").nf4_weight_only(double_quant=True))
 torchq_row("torchq fp4 e2m1 b64", lambda: __import__("torchq").fp4_weight_only(variant="e2m1"))
 torchq_row("torchq fp4 bnb b64", lambda: __import__("torchq").fp4_weight_only(variant="bnb"))

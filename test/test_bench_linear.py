@@ -9,7 +9,7 @@ import math
 import pytest
 
 from benchmarks import bench_linear, linear_rows
-from benchmarks.common import replace_marked_section, sqnr_db
+from benchmarks.common import cpu_kind, replace_marked_section, sqnr_db, upsert_marked_section
 
 ROWS = "fp32 dense,bf16 dense [bf16],torchq int4 wo g128,torchq W8A8,aten _int_mm alone,broken"
 TINY = ["--shapes", "64x128", "--m", "1,3", "--rows", ROWS, "--repeat", "2", "--budget", "0.01",
@@ -31,19 +31,22 @@ def broken_row(monkeypatch):
 @pytest.fixture(scope="module")
 def readme(tmp_path_factory):
     path = tmp_path_factory.mktemp("readme") / "README.md"
-    path.write_text("# x\n\n## Benchmarks\n\n<!-- bench_linear:start -->\nold\n<!-- bench_linear:end -->\n\ntail\n")
+    other = "<!-- bench_linear:other_cpu:start -->\nanother CPU's table\n<!-- bench_linear:other_cpu:end -->\n\n"
+    path.write_text("# x\n\n## Benchmarks\n\n" + other + "<!-- bench_linear:tables-end -->\n\ntail\n")
     return path
 
 
 def test_tiny_run_writes_table_json_plot_and_readme(tmp_path, readme, broken_row, capsys, monkeypatch):
-    monkeypatch.setattr(bench_linear, "PLOT_COMMITTED", "bench_linear.png")  # copy next to the temp README
+    monkeypatch.setattr(bench_linear, "PLOT_COMMITTED", "bench_linear_{kind}.png")  # copy next to the temp README
     res = bench_linear.main(TINY + ["--threads", "1,2", "--out", str(tmp_path), "--readme", str(readme)])
     out = capsys.readouterr().out
 
     recs = res["records"]
     keys = {r["key"] for r in recs}
     assert keys == {"fp32 dense [fp32]", "bf16 dense [bf16]", "torchq int4 wo g128 [fp32]",
-                    "torchq int4 wo g128 [bf16]", "torchq W8A8 [fp32]", "torchq W8A8 [bf16]",
+                    "torchq int4 wo g128 [bf16]", "torchq int4 wo g128 [fp32 high]",
+                    "torchq int4 wo g128 oneDNN route [bf16]", "torchq int4 wo g128 oneDNN route [fp32 high]",
+                    "torchq W8A8 [fp32]", "torchq W8A8 [bf16]",
                     "aten _int_mm alone [int8]", "broken peer [bf16]"}
     assert len(recs) == len(keys) * 2 * 2  # rows x M x threads
     ok = [r for r in recs if r["status"] == "ok"]
@@ -56,6 +59,8 @@ def test_tiny_run_writes_table_json_plot_and_readme(tmp_path, readme, broken_row
     assert math.isinf(by[("fp32 dense [fp32]", 3, 1)]["sqnr_db"])  # it is the reference
     assert 15 < by[("torchq int4 wo g128 [fp32]", 3, 2)]["sqnr_db"] < 30
     assert by[("torchq W8A8 [bf16]", 1, 1)]["sqnr_db"] > 30
+    for route in ("torchq int4 wo g128 [fp32 high]", "torchq int4 wo g128 oneDNN route [fp32 high]"):
+        assert 15 < by[(route, 3, 2)]["sqnr_db"] < 30
     assert by[("fp32 dense [fp32]", 1, 1)]["weight_bytes"] == 64 * 128 * 4
     assert 64 * 128 // 2 < by[("torchq int4 wo g128 [bf16]", 1, 2)]["weight_bytes"] < 64 * 128  # codes + scales
     assert res["not_run"] == {"broken peer [bf16]": "RuntimeError: no kernel for this on purpose"}
@@ -79,10 +84,21 @@ def test_tiny_run_writes_table_json_plot_and_readme(tmp_path, readme, broken_row
     again = bench_linear.main(["--from-json", str(tmp_path / "bench_linear.json"), "--out", str(tmp_path / "re"), "--no-plot"])
     assert bench_linear.render_markdown(again) == bench_linear.render_markdown(res)
 
+    # this CPU kind's section is added before the anchor; another CPU's table stays as it was
+    kind, title = cpu_kind(res["machine"])
+    assert kind in ("amx", "avx512", "avx2", "scalar")
     text = readme.read_text()
-    assert "old" not in text and text.endswith("<!-- bench_linear:end -->\n\ntail\n")
-    assert "![linear latency relative to bf16 dense](bench_linear.png)" in text
-    assert (readme.parent / "bench_linear.png").exists()
+    assert "another CPU's table" in text and text.endswith("<!-- bench_linear:tables-end -->\n\ntail\n")
+    assert text.index("other_cpu:end") < text.index(f"<!-- bench_linear:{kind}:start -->") < text.index("tables-end")
+    assert f"#### {title}: " in text and f"torchq kernel path {res['machine']['torchq_path']}" in text
+    results = (readme.parent / "benchmarks" / "RESULTS.md").read_text()
+    assert f"<!-- bench_linear:{kind}:start -->" in results and "64x128 (N x K), 1 thread" in results
+    assert f"![linear latency relative to bf16 dense](bench_linear_{kind}.png)" in results
+    assert (readme.parent / f"bench_linear_{kind}.png").exists()
+    # a second run replaces its own section, nothing else
+    bench_linear.update_readme(res, str(readme), None)
+    again_text = readme.read_text()
+    assert again_text.count(f"<!-- bench_linear:{kind}:start -->") == 1 and "another CPU's table" in again_text
 
 
 def test_slow_cells_are_skipped_with_a_reason(tmp_path):
@@ -98,6 +114,9 @@ def test_readme_markers_must_exist():
     assert replace_marked_section("a<!-- s:start -->b<!-- s:end -->c", "s", "X") == "a<!-- s:start -->\nX\n<!-- s:end -->c"
     with pytest.raises(ValueError, match="markers"):
         replace_marked_section("no markers here", "s", "X")
+    assert upsert_marked_section("a\n<!-- end -->", "k", "X", "<!-- end -->") == "a\n<!-- k:start -->\nX\n<!-- k:end -->\n\n<!-- end -->"
+    with pytest.raises(ValueError, match="anchor"):
+        upsert_marked_section("no anchor", "k", "X", "<!-- end -->")
 
 
 def test_sqnr_and_bad_cli():
