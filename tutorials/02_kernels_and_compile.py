@@ -91,6 +91,18 @@ def main() -> None:
                       f"worst over ISA paths {worst_isa:.1e}")
                 assert worst_isa < 1e-5
 
+        # 3b. the precision rule: PyTorch's own switch decides whether fp32 activations may
+        # use bf16 products (only from 32 rows, only where the CPU has a bf16 dot product)
+        from torchq.kernels.numerics import weight_only_route
+
+        for precision in ("highest", "high"):
+            torch.set_float32_matmul_precision(precision)
+            route = weight_only_route(torch.float32, 64)
+            print(f"matmul precision {precision!r}: fp32 activations, M=64 -> {route}")
+            if precision == "highest":
+                assert route == "fp32"  # PyTorch's default: fp32 arithmetic on every CPU
+        torch.set_float32_matmul_precision("highest")
+
         print("\nlatency per call (best of 50):")
         for name, m in (("float32 dense", float_model), ("torchq C++", model), ("torchq reference", ref_model)):
             t1, t64 = best_time(lambda: m(x1)), best_time(lambda: m(x64), 10)
