@@ -379,11 +379,20 @@ def test_smollm2_quantize_while_loading_generate_save_reload(smollm2_float_dir, 
 @pytest.mark.parametrize("scheme,group_size", [("int4", 64), ("int8", None)])
 def test_smollm2_peak_rss_while_quantizing_on_load(smollm2_float_dir, scheme, group_size):
     """Peak resident memory while quantizing on load <= memory after import + quantized
-    model + largest float tensor + 100 MB (measured in a fresh process, sampled every 2 ms)."""
+    model + largest float tensor + 100 MB (measured in a fresh process, sampled every 2 ms).
+    "After import" includes the modules from_pretrained imports lazily (scipy, tokenizers, ...:
+    which ones depends on the installed packages): a tiny model is loaded the same way first."""
     proc = _run(f"""
-        import threading, time, torch, torchq
-        from transformers import AutoModelForCausalLM
+        import gc, tempfile, threading, time, torch, torchq
+        from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
         import transformers.quantizers.auto  # the registry is part of "after import"
+        with tempfile.TemporaryDirectory() as tiny:
+            LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tiny)
+            warm = AutoModelForCausalLM.from_pretrained(tiny,
+                quantization_config=torchq.TorchqConfig({scheme!r}, group_size={group_size!r}))
+            del warm
+        gc.collect()
         def rss():
             for line in open("/proc/self/status"):
                 if line.startswith("VmRSS"):

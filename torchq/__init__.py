@@ -8,6 +8,7 @@ Public API::
     torchq.save_file(model.state_dict(), "model.safetensors")
 """
 
+from ._version import __version__
 from . import kernels  # noqa: F401  (registers reference kernels before any tensor is built)
 from .api import LayerReport, QuantizationReport, quantize_
 from .configs import (
@@ -44,7 +45,6 @@ from .schemes_vocab import config_from_scheme, register_scheme, scheme_names
 from .serialization import load_file, save_file
 from .tensors import AffineQuantizedTensor, Codebook4Tensor, TorchqTensor
 
-__version__ = "0.1.0"
 
 # transformers finds torchq checkpoints (quant_method "torchq") once torchq is imported;
 # the registration itself waits until transformers loads its quantizer registry.

@@ -114,7 +114,7 @@ class TorchqConfig(QuantizationConfigMixin):
         for k, v in self.overrides.items():
             if v is not None and not isinstance(v, QuantConfig):
                 raise TypeError(f"override {k!r}: expected a torchq config or None, got {type(v).__name__}")
-        from .. import __version__
+        from .._version import __version__
 
         self.torchq_version = torchq_version or __version__
 

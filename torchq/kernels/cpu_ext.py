@@ -42,6 +42,7 @@ __all__ = [
     "set_isa",
     "force_isa",
     "apply_tunables",
+    "after_load",
 ]
 
 ISAS = ("scalar", "avx2", "avx512", "amx")
@@ -93,7 +94,19 @@ def _load() -> None:
             is_python_module=False,
             verbose=bool(os.environ.get("TORCHQ_BUILD_VERBOSE")),
         )
-    from . import cpu_ops  # noqa: F401  (fake implementations for torch.compile)
+    for hook in _AFTER_LOAD:
+        hook()
+
+
+_AFTER_LOAD: list = []
+
+
+def after_load(hook) -> None:
+    """Call ``hook()`` once the library is loaded (at once if it already is): registrations
+    that need the ops' schemas, e.g. fake implementations (:mod:`torchq.kernels.cpu_ops`)."""
+    _AFTER_LOAD.append(hook)
+    if _state.get("library"):
+        hook()
 
 
 def _apply_env_isa() -> None:

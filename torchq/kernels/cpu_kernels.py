@@ -33,6 +33,7 @@ import torch
 
 from . import cpu_ext
 from . import cpu_layouts  # noqa: F401  (registers the tiled layouts)
+from . import cpu_ops  # noqa: F401  (fake implementations and autograd of the ops, registered at load)
 from .numerics import bf16_allowed, weight_only_route
 from .registry import LinearKernel, register_kernel
 

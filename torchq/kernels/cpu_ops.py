@@ -1,13 +1,16 @@
-"""Fake (meta) implementations of the ``torch.ops.torchq`` CPU kernels.
+"""Fake (meta) implementations and autograd formulas of the ``torch.ops.torchq`` CPU kernels.
 
-They give output shapes and dtypes without computing, so ``torch.compile(fullgraph=True)``
-keeps the C++ ops in the graph. Imported by :mod:`torchq.kernels.cpu_ext` right after the
-library is loaded (the schemas are defined in C++ with ``TORCH_LIBRARY``).
+The fakes give output shapes and dtypes without computing, so ``torch.compile(fullgraph=True)``
+keeps the C++ ops in the graph. They need the ops' schemas (defined in C++ with
+``TORCH_LIBRARY``), so importing this module hands :func:`_register` to
+:func:`torchq.kernels.cpu_ext.after_load`, which runs it once the library is loaded.
 """
 
 from __future__ import annotations
 
 import torch
+
+from . import cpu_ext
 
 __all__: list[str] = []
 
@@ -16,54 +19,11 @@ def _linear_out(x: torch.Tensor, n: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], n))
 
 
-@torch.library.register_fake("torchq::int4_linear")
-def _int4_linear(x, qdata, scale, zero_point, bias, group_size, quant_min, allow_bf16=False):
-    return _linear_out(x, scale.shape[0])
-
-
-@torch.library.register_fake("torchq::int8_linear")
-def _int8_linear(x, qdata, scale, zero_point, bias, group_size, allow_bf16=False):
-    return _linear_out(x, scale.shape[0])
-
-
-@torch.library.register_fake("torchq::w4a8_linear")
-def _w4a8_linear(x, qdata, scale, zero_point, bias, group_size, quant_min):
-    return _linear_out(x, scale.shape[0])
-
-
-@torch.library.register_fake("torchq::w8a8_linear")
-def _w8a8_linear(x, qdata, scale, bias):
-    return _linear_out(x, scale.shape[0])
-
-
 def _rows(x: torch.Tensor):
     m = 1
     for s in x.shape[:-1]:
         m = m * s
     return m
-
-
-@torch.library.register_fake("torchq::w4a8_int_acc")
-def _w4a8_int_acc(x, qdata, scale, zero_point, group_size, quant_min):
-    return x.new_empty((_rows(x), scale.shape[0], scale.shape[1]), dtype=torch.int32)
-
-
-@torch.library.register_fake("torchq::w8a8_int_acc")
-def _w8a8_int_acc(x, qdata, scale):
-    return x.new_empty((_rows(x), scale.shape[0], 1), dtype=torch.int32)
-
-
-@torch.library.register_fake("torchq::codebook4_linear")
-def _codebook4_linear(
-    x, qdata, scale, lut, bias, block_size, dq_code=None, dq_absmax=None, dq_offset=None, allow_bf16=False
-):
-    return _linear_out(x, qdata.shape[0])
-
-
-@torch.library.register_fake("torchq::quantize_per_token_int8")
-def _quantize_per_token_int8(x):
-    m = _rows(x)
-    return x.new_empty((m, x.shape[-1]), dtype=torch.int8), x.new_empty((m, 1), dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------- autograd
@@ -116,7 +76,48 @@ def _register_linear_autograd(op: str, layout_name: str, has_zero: bool, has_gro
     torch.library.register_autograd(op, backward, setup_context=setup_context)
 
 
-_register_linear_autograd("torchq::int4_linear", "cpu_int4_tile16", True, True, True)
-_register_linear_autograd("torchq::int8_linear", "cpu_int8_k16", True, True, False)
-_register_linear_autograd("torchq::w4a8_linear", "cpu_int4_tile16", True, True, True)
-_register_linear_autograd("torchq::w8a8_linear", "cpu_int8_k4x16", False, False, False)
+def _register() -> None:
+    """Register the fakes and the autograd formulas (the ops must exist)."""
+
+    @torch.library.register_fake("torchq::int4_linear")
+    def _int4_linear(x, qdata, scale, zero_point, bias, group_size, quant_min, allow_bf16=False):
+        return _linear_out(x, scale.shape[0])
+
+    @torch.library.register_fake("torchq::int8_linear")
+    def _int8_linear(x, qdata, scale, zero_point, bias, group_size, allow_bf16=False):
+        return _linear_out(x, scale.shape[0])
+
+    @torch.library.register_fake("torchq::w4a8_linear")
+    def _w4a8_linear(x, qdata, scale, zero_point, bias, group_size, quant_min):
+        return _linear_out(x, scale.shape[0])
+
+    @torch.library.register_fake("torchq::w8a8_linear")
+    def _w8a8_linear(x, qdata, scale, bias):
+        return _linear_out(x, scale.shape[0])
+
+    @torch.library.register_fake("torchq::w4a8_int_acc")
+    def _w4a8_int_acc(x, qdata, scale, zero_point, group_size, quant_min):
+        return x.new_empty((_rows(x), scale.shape[0], scale.shape[1]), dtype=torch.int32)
+
+    @torch.library.register_fake("torchq::w8a8_int_acc")
+    def _w8a8_int_acc(x, qdata, scale):
+        return x.new_empty((_rows(x), scale.shape[0], 1), dtype=torch.int32)
+
+    @torch.library.register_fake("torchq::codebook4_linear")
+    def _codebook4_linear(
+        x, qdata, scale, lut, bias, block_size, dq_code=None, dq_absmax=None, dq_offset=None, allow_bf16=False
+    ):
+        return _linear_out(x, qdata.shape[0])
+
+    @torch.library.register_fake("torchq::quantize_per_token_int8")
+    def _quantize_per_token_int8(x):
+        m = _rows(x)
+        return x.new_empty((m, x.shape[-1]), dtype=torch.int8), x.new_empty((m, 1), dtype=torch.float32)
+
+    _register_linear_autograd("torchq::int4_linear", "cpu_int4_tile16", True, True, True)
+    _register_linear_autograd("torchq::int8_linear", "cpu_int8_k16", True, True, False)
+    _register_linear_autograd("torchq::w4a8_linear", "cpu_int4_tile16", True, True, True)
+    _register_linear_autograd("torchq::w8a8_linear", "cpu_int8_k4x16", False, False, False)
+
+
+cpu_ext.after_load(_register)
