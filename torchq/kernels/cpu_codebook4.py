@@ -10,7 +10,7 @@ few tiles at a time right before use (measured cost at M=1, 1 thread: 1.0-1.2x t
 NF4 time).
 
 Measured on the 2-core AVX2 (Zen3) dev host, M=1, 2 threads, 4096x4096 and 11008x4096
-(benchmarks/dev_codebook4.py): fp4_e2m1 1.03-1.10x torchq int4 g64 latency, nf4 and
+(benchmarks/dev/dev_codebook4.py): fp4_e2m1 1.03-1.10x torchq int4 g64 latency, nf4 and
 fp4_e2m1_bnb 1.2-1.3x (lookup bound: four byte planes per exact fp32 table value), nf4
 with double quantization ~1.5x (before the scale decode was sped up; now ~1.1-1.2x plain
 NF4); all 40-90x faster than bitsandbytes' CPU path. M=32: same as int4, 4-7x faster than

@@ -136,62 +136,29 @@ def _dynamic_arithmetic(_w) -> str:
 
 _DYN_NUMERICS = "per-token int8 activations (bit-exact with quantize_per_token_int8), exact int32 accumulate, fp32 scale"
 
+#: (scheme, layout, linear, accepts, numerics, arithmetic): one C++ kernel per scheme,
+#: registered as ``cpu.<scheme>`` above the references (priority 10).
+_TABLE = (
+    ("int4_weight_only", "cpu_int4_tile16", int4_weight_only_linear, _int4_ok, WEIGHT_ONLY_NUMERICS, weight_only_arithmetic),
+    ("int8_weight_only", "cpu_int8_k16", int8_weight_only_linear, _int8_ok, WEIGHT_ONLY_NUMERICS, weight_only_arithmetic),
+    ("intx_weight_only", "cpu_int8_k16", int8_weight_only_linear, _int8_ok, WEIGHT_ONLY_NUMERICS, weight_only_arithmetic),
+    ("w8a8", "cpu_int8_k4x16", w8a8_linear, _w8a8_ok, _DYN_NUMERICS, _dynamic_arithmetic),
+    ("w4a8", "cpu_int4_tile16", w4a8_linear, _int4_ok, _DYN_NUMERICS + " per group", _dynamic_arithmetic),
+)
+
 CPU_KERNELS = [
-    LinearKernel(
-        name="cpu.int4_weight_only",
-        scheme="int4_weight_only",
-        layout="cpu_int4_tile16",
-        linear=int4_weight_only_linear,
-        priority=10,
-        available=cpu_ext.available,
-        accepts=_int4_ok,
-        numerics=WEIGHT_ONLY_NUMERICS,
-        arithmetic=weight_only_arithmetic,
-    ),
-    LinearKernel(
-        name="cpu.int8_weight_only",
-        scheme="int8_weight_only",
-        layout="cpu_int8_k16",
-        linear=int8_weight_only_linear,
-        priority=10,
-        available=cpu_ext.available,
-        accepts=_int8_ok,
-        numerics=WEIGHT_ONLY_NUMERICS,
-        arithmetic=weight_only_arithmetic,
-    ),
-    LinearKernel(
-        name="cpu.intx_weight_only",
-        scheme="intx_weight_only",
-        layout="cpu_int8_k16",
-        linear=int8_weight_only_linear,
-        priority=10,
-        available=cpu_ext.available,
-        accepts=_int8_ok,
-        numerics=WEIGHT_ONLY_NUMERICS,
-        arithmetic=weight_only_arithmetic,
-    ),
-    LinearKernel(
-        name="cpu.w8a8",
-        scheme="w8a8",
-        layout="cpu_int8_k4x16",
-        linear=w8a8_linear,
-        priority=10,
-        available=cpu_ext.available,
-        accepts=_w8a8_ok,
-        numerics=_DYN_NUMERICS,
-        arithmetic=_dynamic_arithmetic,
-    ),
-    LinearKernel(
-        name="cpu.w4a8",
-        scheme="w4a8",
-        layout="cpu_int4_tile16",
-        linear=w4a8_linear,
-        priority=10,
-        available=cpu_ext.available,
-        accepts=_int4_ok,
-        numerics=_DYN_NUMERICS + " per group",
-        arithmetic=_dynamic_arithmetic,
-    ),
+    register_kernel(
+        LinearKernel(
+            name=f"cpu.{scheme}",
+            scheme=scheme,
+            layout=layout,
+            linear=linear,
+            priority=10,
+            available=cpu_ext.available,
+            accepts=accepts,
+            numerics=numerics,
+            arithmetic=arithmetic,
+        )
+    )
+    for scheme, layout, linear, accepts, numerics, arithmetic in _TABLE
 ]
-for _k in CPU_KERNELS:
-    register_kernel(_k)

@@ -2,7 +2,7 @@
 (not the harness). Cases are timed interleaved rep by rep; min / median ms are printed, and
 the % of the DRAM roofline (weight + scale bytes / read bandwidth sampled in the run).
 
-    PYTHONPATH=. python benchmarks/dev_gemv.py [--shapes 4096x4096,576x576] [--threads 1,2]
+    PYTHONPATH=. python benchmarks/dev/dev_gemv.py [--shapes 4096x4096,576x576] [--threads 1,2]
         [--only int4_fp32,nf4] [--reps 15] [--huge both|on|off]
 
 --huge both times every weight twice: its buffers copied into plain 4 KiB-page memory

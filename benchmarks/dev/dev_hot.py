@@ -1,5 +1,5 @@
 """Dev-only: single-thread hot-cache throughput (GMAC/s) of each kernel path vs MKL sgemm,
-to tune compute efficiency on a noisy shared host. PYTHONPATH=. python benchmarks/dev_hot.py [M ...]"""
+to tune compute efficiency on a noisy shared host. PYTHONPATH=. python benchmarks/dev/dev_hot.py [M ...]"""
 import sys, time
 import torch, torch.nn.functional as F
 from torchq.tensors import AffineQuantizedTensor

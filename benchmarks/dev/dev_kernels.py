@@ -1,6 +1,6 @@
 """Dev-only quick timing of the C++ kernels vs dense / aten baselines (not the harness).
 
-    PYTHONPATH=. python benchmarks/dev_kernels.py [N K] [--m 1,32,256] [--only int4_fp32,...]
+    PYTHONPATH=. python benchmarks/dev/dev_kernels.py [N K] [--m 1,32,256] [--only int4_fp32,...]
 """
 import argparse, sys, time
 import torch, torch.nn.functional as F

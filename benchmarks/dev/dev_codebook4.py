@@ -2,7 +2,7 @@
 4-bit path (not the benchmark harness). Kernels are timed interleaved, rep by rep, so a
 shared machine's load hits them alike; min and 10th percentile are reported.
 
-    PYTHONPATH=. python benchmarks/dev_codebook4.py [--shapes 4096x4096,11008x4096] [--m 1,32]
+    PYTHONPATH=. python benchmarks/dev/dev_codebook4.py [--shapes 4096x4096,11008x4096] [--m 1,32]
 """
 import argparse
 import sys

@@ -1,6 +1,6 @@
 """Dev-only: SmolLM2 layer shapes at decode (M=1) and prefill (M=256), min latency per call
 (hot cache, like a decode loop over 30 layers would see for small weights).
-PYTHONPATH=. python benchmarks/dev_small.py [threads]"""
+PYTHONPATH=. python benchmarks/dev/dev_small.py [threads]"""
 import sys, time
 import torch, torch.nn.functional as F
 from torchq.tensors import AffineQuantizedTensor
