@@ -33,10 +33,10 @@ import torch
 from ..primitives.codebook import CODEBOOK_FORMATS, codebook_values, dynamic_map
 from ..tensors.layouts import Layout, register_layout
 from . import cpu_ext
-from .cpu_kernels import WEIGHT_ONLY_NUMERICS, weight_only_arithmetic
+from .cpu_kernels import WEIGHT_ONLY_NUMERICS, register_cpu_kernel, weight_only_arithmetic
 from .numerics import bf16_allowed
 from .cpu_layouts import _int4_from, _int4_rows, _int4_to
-from .registry import LinearKernel, register_kernel
+from .registry import LinearKernel
 
 __all__ = ["CODEBOOK4_LAYOUTS", "CODEBOOK4_KERNELS", "codebook4_linear", "KERNEL_CONSTANTS"]
 
@@ -106,17 +106,12 @@ for _scheme in sorted(CODEBOOK_FORMATS):
         )
     )
     CODEBOOK4_KERNELS.append(
-        register_kernel(
-            LinearKernel(
-                name=f"cpu.{_scheme}",
-                scheme=_scheme,
-                layout=f"cpu_codebook4_tile16.{_scheme}",
-                linear=codebook4_linear,
-                priority=10,
-                available=cpu_ext.available,
-                accepts=_accepts,
-                numerics=WEIGHT_ONLY_NUMERICS,
-                arithmetic=weight_only_arithmetic,
-            )
+        register_cpu_kernel(
+            _scheme,
+            f"cpu_codebook4_tile16.{_scheme}",
+            codebook4_linear,
+            _accepts,
+            WEIGHT_ONLY_NUMERICS,
+            weight_only_arithmetic,
         )
     )

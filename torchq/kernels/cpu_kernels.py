@@ -37,7 +37,7 @@ from . import cpu_ops  # noqa: F401  (fake implementations and autograd of the o
 from .numerics import bf16_allowed, weight_only_route
 from .registry import LinearKernel, register_kernel
 
-__all__ = ["GEMM_MIN_M", "BF16_MIN_M", "CPU_KERNELS", "WEIGHT_ONLY_NUMERICS"]
+__all__ = ["GEMM_MIN_M", "BF16_MIN_M", "CPU_KERNELS", "WEIGHT_ONLY_NUMERICS", "register_cpu_kernel", "weight_only_arithmetic"]
 
 #: rows from which the weight-only kernels switch from GEMV to dequantize + GEMM.
 GEMM_MIN_M = 8
@@ -146,8 +146,10 @@ _TABLE = (
     ("w4a8", "cpu_int4_tile16", w4a8_linear, _int4_ok, _DYN_NUMERICS + " per group", _dynamic_arithmetic),
 )
 
-CPU_KERNELS = [
-    register_kernel(
+def register_cpu_kernel(scheme, layout, linear, accepts, numerics, arithmetic) -> LinearKernel:
+    """Register ``cpu.<scheme>``: a C++ kernel, above the references (priority 10), available
+    once the extension builds."""
+    return register_kernel(
         LinearKernel(
             name=f"cpu.{scheme}",
             scheme=scheme,
@@ -160,5 +162,6 @@ CPU_KERNELS = [
             arithmetic=arithmetic,
         )
     )
-    for scheme, layout, linear, accepts, numerics, arithmetic in _TABLE
-]
+
+
+CPU_KERNELS = [register_cpu_kernel(*entry) for entry in _TABLE]
