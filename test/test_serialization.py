@@ -164,11 +164,16 @@ def test_bad_safetensors_files(tmp_path):
         torchq.serialization.unflatten_state_dict(flat, {"torchq": json.dumps(meta)})
     flat2 = dict(flat)
     flat2["proj.weight::scale"] = flat2["proj.weight::scale"][:, :1]
-    with pytest.raises(ValueError, match=r"proj\.weight: invalid AffineQuantizedTensor: scale shape \(80, 1\) != \(80, 3\)"):
+    with pytest.raises(torchq.CheckpointError, match=r"proj\.weight::scale: data does not match its checksum"):
         torchq.serialization.unflatten_state_dict(flat2, header)
+    old_style = json.loads(header["torchq"])
+    del old_style["crc32"]  # a file written before checksums: the shapes are still validated
+    old_header = {"torchq": json.dumps(old_style)}
+    with pytest.raises(torchq.CheckpointError, match=r"proj\.weight: invalid AffineQuantizedTensor: scale shape \(80, 1\) != \(80, 3\)"):
+        torchq.serialization.unflatten_state_dict(flat2, old_header)
     del flat2["proj.weight::scale"]
-    with pytest.raises(ValueError, match="missing tensor 'proj.weight::scale'"):
-        torchq.serialization.unflatten_state_dict(flat2, header)
+    with pytest.raises(torchq.CheckpointError, match="missing inner tensor 'proj.weight::scale'"):
+        torchq.serialization.unflatten_state_dict(flat2, old_header)
 
 
 def test_deepcopy_and_pickle_of_module():

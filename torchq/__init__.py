@@ -9,6 +9,7 @@ Public API::
 """
 
 from ._version import __version__
+from ._compile_cache import tag_compile_caches as _tag_compile_caches
 from . import kernels  # noqa: F401  (registers reference kernels before any tensor is built)
 from .api import LayerReport, QuantizationReport, quantize_
 from .configs import (
@@ -42,6 +43,7 @@ from .api import register_after_quantize as _register_after_quantize
 from .integrations import install_transformers_hook as _install_transformers_hook
 from .integrations import mark_transformers_model as _mark_transformers_model
 from .schemes_vocab import config_from_scheme, register_scheme, scheme_names
+from .errors import CheckpointError
 from .serialization import load_file, save_file
 from .tensors import AffineQuantizedTensor, Codebook4Tensor, TorchqTensor
 
@@ -49,6 +51,7 @@ from .tensors import AffineQuantizedTensor, Codebook4Tensor, TorchqTensor
 # transformers finds torchq checkpoints (quant_method "torchq") once torchq is imported;
 # the registration itself waits until transformers loads its quantizer registry.
 _install_transformers_hook()
+_tag_compile_caches()  # compiled graphs cached by another torchq are never reused
 _register_after_quantize(_mark_transformers_model)
 
 
@@ -77,6 +80,7 @@ __all__ = [
     "explain",
     "explain_rows",
     "save_file",
+    "CheckpointError",
     "load_file",
     "load_gguf",
     "AffineQuantizedTensor",

@@ -12,14 +12,25 @@ quantized entry ``key`` is stored as plain tensors ``key::qdata``, ``key::scale`
 its non-tensor state (format name, version, shape, bits, ...) goes into the header under
 ``"torchq"``. Entries sharing one tensor (tied weights) are written once and restored as
 the same object.
+
+Hostile or damaged files: the header also holds a CRC-32 of every tensor's bytes, checked on
+load, and every quantized entry is validated against its metadata before any kernel sees it;
+whatever does not fit raises :class:`torchq.CheckpointError` naming the file and the tensor.
+:func:`save_file` writes a temporary file in the target folder and renames it, so a failed
+or killed save leaves the previous file intact.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
+import zlib
 from typing import Any, Callable, Mapping, Optional
 
 import torch
+
+from .errors import CheckpointError
 
 __all__ = [
     "register_format",
@@ -32,6 +43,10 @@ __all__ = [
     "rebuild_entry",
     "HEADER_KEY",
     "SEPARATOR",
+    "CheckpointError",
+    "atomic_write",
+    "rebuild_checked",
+    "tensor_crc32",
 ]
 
 HEADER_KEY = "torchq"
@@ -80,8 +95,17 @@ def flatten_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str
                 flat[f"{key}{SEPARATOR}{name}"] = t.detach().contiguous()
         else:
             flat[key] = value.detach().contiguous()
-    header = {"container_version": CONTAINER_VERSION, "entries": entries, "aliases": aliases}
+    header = {"container_version": CONTAINER_VERSION, "entries": entries, "aliases": aliases,
+              "crc32": {name: tensor_crc32(t) for name, t in flat.items()}}
     return flat, {HEADER_KEY: json.dumps(header, sort_keys=True)}
+
+
+def tensor_crc32(t: torch.Tensor) -> int:
+    """CRC-32 of a tensor's bytes (row-major), as stored in the header."""
+    if t.numel() == 0 or t.device.type == "meta":
+        return 0
+    data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+    return zlib.crc32(memoryview(data))
 
 
 def _identity(value: torch.Tensor) -> Any:
@@ -95,42 +119,81 @@ def _identity(value: torch.Tensor) -> Any:
     return ("t", value.data_ptr(), tuple(value.shape), tuple(value.stride()), value.dtype)
 
 
-def unflatten_state_dict(flat: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]]) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`flatten_state_dict`."""
-    header = read_header(metadata)
+def unflatten_state_dict(
+    flat: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]], file: Optional[str] = None
+) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`flatten_state_dict` (``file`` names the source in errors)."""
+    header = read_header(metadata, file)
     if header is None:
         return dict(flat)
+    _check_crc(flat, header, file)
     out: dict[str, torch.Tensor] = {}
     consumed = set()
-    for key, meta in header["entries"].items():
+    entries = header["entries"]
+    if not isinstance(entries, dict) or not all(isinstance(m, dict) and isinstance(m.get("tensors"), list) for m in entries.values()):
+        raise CheckpointError("the torchq header's entries are malformed", file=file)
+    for key, meta in entries.items():
         tensors = {}
         for name in meta["tensors"]:
             fk = f"{key}{SEPARATOR}{name}"
             if fk not in flat:
-                raise ValueError(f"{key}: file is missing tensor {fk!r}")
+                raise CheckpointError(f"the file is missing inner tensor {fk!r}", file=file, tensor=key)
             tensors[name] = flat[fk]
             consumed.add(fk)
-        out[key] = rebuild_entry(key, meta, tensors)
+        try:
+            out[key] = rebuild_entry(key, meta, tensors)
+        except CheckpointError as e:
+            raise e.located(file=file) from e
     for key, t in flat.items():
         # A plain tensor under an entry's own name is a guard (written by the transformers
         # integration so that loading without torchq fails), not data.
         if key not in consumed and key not in header["entries"]:
             out[key] = t
-    for key, target in header.get("aliases", {}).items():
+    aliases = header.get("aliases", {})
+    if not isinstance(aliases, dict):
+        raise CheckpointError("the torchq header's aliases are malformed", file=file)
+    for key, target in aliases.items():
+        if target not in out:
+            raise CheckpointError(f"alias of missing entry {target!r}", file=file, tensor=key)
         out[key] = out[target]
     return out
 
 
-def read_header(metadata: Optional[Mapping[str, str]]) -> Optional[dict[str, Any]]:
+def _check_crc(flat: Mapping[str, torch.Tensor], header: Mapping[str, Any], file: Optional[str]) -> None:
+    """Every tensor listed in the header's CRC table is present and has its bytes (files
+    written before the table existed have none: nothing to check)."""
+    table = header.get("crc32")
+    if table is None:
+        return
+    if not isinstance(table, dict):
+        raise CheckpointError("the torchq header's checksum table is malformed", file=file)
+    for name, t in flat.items():
+        if name not in table:
+            raise CheckpointError("tensor not listed in the header's checksum table", file=file, tensor=name)
+        if tensor_crc32(t) != table[name]:
+            raise CheckpointError("data does not match its checksum (the file is damaged)", file=file, tensor=name)
+    missing = sorted(set(table) - set(flat))
+    if missing:
+        raise CheckpointError(f"tensors listed in the header are missing: {missing[:5]}", file=file)
+
+
+def read_header(metadata: Optional[Mapping[str, str]], file: Optional[str] = None) -> Optional[dict[str, Any]]:
     """The torchq header of a safetensors file's metadata (None if the file has none)."""
     if not metadata or HEADER_KEY not in metadata:
         return None
-    header = json.loads(metadata[HEADER_KEY])
+    try:
+        header = json.loads(metadata[HEADER_KEY])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"the torchq header is not valid JSON ({e})", file=file) from None
+    if not isinstance(header, dict):
+        raise CheckpointError("the torchq header is not a JSON object", file=file)
     if header.get("container_version") != CONTAINER_VERSION:
-        raise ValueError(
-            f"torchq safetensors container version {header.get('container_version')} is not supported "
-            f"(this torchq reads {CONTAINER_VERSION}); upgrade torchq"
+        raise CheckpointError(
+            f"torchq safetensors container version {header.get('container_version')!r} is not supported "
+            f"(this torchq reads {CONTAINER_VERSION})", file=file, fix="upgrade torchq, or re-save the checkpoint"
         )
+    if "entries" not in header:
+        raise CheckpointError("the torchq header has no entries table", file=file)
     return header
 
 
@@ -138,17 +201,27 @@ def rebuild_entry(key: str, meta: Mapping[str, Any], tensors: Mapping[str, torch
     """One quantized tensor from its header entry ``meta`` and its inner ``tensors`` by name."""
     fmt = meta.get("format")
     if fmt not in _FORMATS:
-        raise ValueError(f"{key}: unknown torchq tensor format {fmt!r}; known: {sorted(_FORMATS)}")
+        raise CheckpointError(f"unknown torchq tensor format {fmt!r}; known: {sorted(_FORMATS)}", tensor=key,
+                              fix="upgrade torchq, or import the package that registers this format")
     missing = sorted(set(meta["tensors"]) - set(tensors))
     if missing:
-        raise ValueError(f"{key}: checkpoint is missing inner tensor(s) {missing}")
+        raise CheckpointError(f"checkpoint is missing inner tensor(s) {missing}", tensor=key)
     state = {k: (tuple(v) if isinstance(v, list) else v) for k, v in meta.items() if k != "tensors"}
     for name in meta["tensors"]:
         state[name] = tensors[name]
+    return rebuild_checked(_FORMATS[fmt].from_checkpoint_state, state, key)
+
+
+def rebuild_checked(build: Callable[[dict], torch.Tensor], state: dict, key: Optional[str] = None) -> torch.Tensor:
+    """``build(state)``, any failure of a damaged or contradictory state as a CheckpointError
+    (metadata of the wrong type, missing fields, shapes that do not fit, bad values)."""
     try:
-        return _FORMATS[fmt].from_checkpoint_state(state)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{key}: {e}") from e
+        return build(state)
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, RuntimeError, OverflowError) as e:
+        problem = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+        raise CheckpointError(problem, tensor=key) from e
 
 
 def save_file(state_dict: Mapping[str, torch.Tensor], filename: str, metadata: Optional[dict[str, str]] = None) -> None:
@@ -158,14 +231,40 @@ def save_file(state_dict: Mapping[str, torch.Tensor], filename: str, metadata: O
     flat, header = flatten_state_dict(state_dict)
     merged = dict(metadata or {})
     merged.update(header)
-    _save(flat, filename, metadata=merged)
+    atomic_write(filename, lambda tmp: _save(flat, tmp, metadata=merged))
+
+
+def atomic_write(filename: str, write: Callable[[str], None]) -> None:
+    """``write(path)`` to a temporary file in ``filename``'s folder, flushed to disk, then
+    renamed over ``filename``: a failure (full disk, killed process) never leaves a partial
+    file under the real name, and the previous file stays intact until the rename."""
+    folder = os.path.dirname(os.path.abspath(filename))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(filename)}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, filename)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
 
 
 def load_file(filename: str, device: str = "cpu") -> dict[str, torch.Tensor]:
     """Like ``safetensors.torch.load_file``; rebuilds torchq tensors from the header."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(filename, framework="pt", device=device) as f:
-        metadata = f.metadata()
-        flat = {k: f.get_tensor(k) for k in f.keys()}
-    return unflatten_state_dict(flat, metadata)
+    try:
+        with safe_open(filename, framework="pt", device=device) as f:
+            metadata = f.metadata()
+            flat = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise CheckpointError(f"not a readable safetensors file ({type(e).__name__}: {e})", file=str(filename),
+                              fix="the file is truncated or corrupt: re-download or re-save it") from e
+    return unflatten_state_dict(flat, metadata, file=str(filename))

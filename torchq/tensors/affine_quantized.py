@@ -33,8 +33,8 @@ from ..primitives.affine import (
     quantize_affine,
 )
 from .base import TorchqTensor
-from .common import copy_same_format, embedding_arguments, slice_bounds
-from ..serialization import register_format
+from .common import copy_same_format, embedding_arguments, has_values, slice_bounds
+from ..serialization import rebuild_checked, register_format
 from .layouts import canonical_from_codes, codes_from_canonical, get_layout
 
 __all__ = ["AffineQuantizedTensor", "SCHEMES", "FORMAT_NAME", "FORMAT_VERSION"]
@@ -220,8 +220,38 @@ class AffineQuantizedTensor(TorchqTensor):
                 problems.append(f"{name} shape {tuple(v.shape)} != {(k,)}")
         if self.perm is not None and self.padded_in_features != k:
             problems.append("perm (act-order) needs K to be a multiple of the group size")
+        problems += self._data_problems()
         if problems:
             raise ValueError(f"invalid {type(self).__name__}: " + "; ".join(problems))
+
+    def _data_problems(self) -> list[str]:
+        """Inner tensors that contradict the metadata (checked on the canonical layout, before
+        any kernel sees them): code dtype/shape and range, non-finite parameters, perm."""
+        n, k = self.shape
+        kp, layout = self.padded_in_features, self.quant_layout
+        want = {"packed_int4": (torch.uint8, (n, kp // 2)), "plain_int8": (torch.int8, (n, kp))}.get(layout)
+        problems = []
+        if layout == "packed_int4" and self.bits != 4:
+            problems.append(f"bits={self.bits} stored in the packed_int4 layout (4-bit codes only)")
+        if want and (self.qdata.dtype != want[0] or tuple(self.qdata.shape) != want[1]):
+            problems.append(f"qdata must be {want[0]} {want[1]}, got {self.qdata.dtype} {tuple(self.qdata.shape)}")
+        if not has_values(self.qdata):  # meta / fake tensors (skeletons, tracing): shapes only
+            return problems
+        if layout == "plain_int8" and self.qdata.numel() and not problems:
+            lo, hi = int(self.qdata.min()), int(self.qdata.max())
+            if lo < self.quant_min or hi > self.quant_max:
+                problems.append(f"codes span [{lo}, {hi}], outside the {self.bits}-bit range [{self.quant_min}, {self.quant_max}]")
+        for name in ("scale", "act_scale") + (("zero_point",) if self.zero_point is not None and self.zero_point.is_floating_point() else ()):
+            v = getattr(self, name)
+            if v is not None and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                problems.append(f"{name} holds NaN or Inf")
+        if self.act_scale is not None and bool((self.act_scale == 0).any()):
+            problems.append("act_scale holds zeros (it divides the activations)")
+        if self.perm is not None and (
+            self.perm.dtype != torch.int64 or not torch.equal(torch.sort(self.perm).values, torch.arange(k))
+        ):
+            problems.append(f"perm must be an int64 permutation of range({k})")
+        return problems
 
     # ------------------------------------------------------------------ views of the data
     def canonical_tensors(self) -> dict[str, Optional[torch.Tensor]]:
@@ -328,7 +358,7 @@ class AffineQuantizedTensor(TorchqTensor):
 
 
 def _rebuild_affine_quantized(state: dict[str, Any]) -> AffineQuantizedTensor:
-    return AffineQuantizedTensor.from_checkpoint_state(state)
+    return rebuild_checked(AffineQuantizedTensor.from_checkpoint_state, state)
 
 
 def _pad_columns(w: torch.Tensor, group: int) -> torch.Tensor:

@@ -42,7 +42,7 @@ from ..primitives.codebook import (
     swap_nibbles,
     unpack_codes,
 )
-from ..serialization import register_format
+from ..serialization import rebuild_checked, register_format
 from .affine_quantized import _transpose, quantized_linear
 from .base import TorchqTensor
 from .common import (
@@ -50,6 +50,7 @@ from .common import (
     checkpoint_header,
     copy_same_format,
     embedding_arguments,
+    has_values,
     inner_nbytes,
     slice_bounds,
 )
@@ -203,6 +204,10 @@ class Codebook4Tensor(TorchqTensor):
                 problems.append(f"scale_offset must be fp32 (1,), got {self.scale_offset.dtype} {tuple(self.scale_offset.shape)}")
         elif self.scale.dtype != torch.float32 or tuple(self.scale.shape) != (n, blocks):
             problems.append(f"scale must be fp32 {(n, blocks)}, got {self.scale.dtype} {tuple(self.scale.shape)}")
+        for name in ("scale", "scale_absmax", "scale_offset"):
+            v = getattr(self, name, None)
+            if v is not None and has_values(v) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                problems.append(f"{name} holds NaN or Inf")
         if problems:
             raise ValueError(f"invalid {type(self).__name__}: " + "; ".join(problems))
 
@@ -294,7 +299,7 @@ class Codebook4Tensor(TorchqTensor):
 
 
 def _rebuild_codebook4(state: dict[str, Any]) -> Codebook4Tensor:
-    return Codebook4Tensor.from_checkpoint_state(state)
+    return rebuild_checked(Codebook4Tensor.from_checkpoint_state, state)
 
 
 def _check_scheme(scheme: str) -> None:

@@ -20,6 +20,7 @@ __all__ = [
     "inner_nbytes",
     "checkpoint_header",
     "check_checkpoint_header",
+    "has_values",
 ]
 
 
@@ -105,3 +106,11 @@ def check_checkpoint_header(state: dict[str, Any], format_name: str, version: in
             f"{format_name} tensor format version {state.get('version')} is not supported by this torchq "
             f"(reads version {version}); upgrade torchq"
         )
+
+
+def has_values(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds real data to inspect (not a meta or fake tensor of a skeleton or a
+    torch.compile trace): value checks of a checkpoint run only then."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return t.device.type != "meta" and not isinstance(t, FakeTensor)
