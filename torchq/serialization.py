@@ -47,6 +47,7 @@ __all__ = [
     "atomic_write",
     "rebuild_checked",
     "tensor_crc32",
+    "check_crc32",
 ]
 
 HEADER_KEY = "torchq"
@@ -95,17 +96,21 @@ def flatten_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str
                 flat[f"{key}{SEPARATOR}{name}"] = t.detach().contiguous()
         else:
             flat[key] = value.detach().contiguous()
+    # crc32_complete: the table lists every tensor of the file (a single-file container); a
+    # sharded save (transformers) lists more than each shard holds, and may add plain tensors
     header = {"container_version": CONTAINER_VERSION, "entries": entries, "aliases": aliases,
-              "crc32": {name: tensor_crc32(t) for name, t in flat.items()}}
+              "crc32": {name: tensor_crc32(t) for name, t in flat.items()}, "crc32_complete": True}
     return flat, {HEADER_KEY: json.dumps(header, sort_keys=True)}
 
 
 def tensor_crc32(t: torch.Tensor) -> int:
-    """CRC-32 of a tensor's bytes (row-major), as stored in the header."""
+    """CRC-32 of a tensor's dtype, shape and bytes (row-major), as stored in the header: a
+    reinterpreted dtype or shape fails it as surely as changed data."""
+    crc = zlib.crc32(f"{t.dtype}{tuple(t.shape)}".encode())
     if t.numel() == 0 or t.device.type == "meta":
-        return 0
+        return crc
     data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-    return zlib.crc32(memoryview(data))
+    return zlib.crc32(memoryview(data), crc)
 
 
 def _identity(value: torch.Tensor) -> Any:
@@ -125,12 +130,20 @@ def unflatten_state_dict(
     """Inverse of :func:`flatten_state_dict` (``file`` names the source in errors)."""
     header = read_header(metadata, file)
     if header is None:
+        inner = sorted(k for k in flat if SEPARATOR in k)
+        if inner:
+            raise CheckpointError(
+                f"inner tensors of quantized weights ({inner[0]!r}, ...) but no torchq header in the metadata", file=file
+            )
         return dict(flat)
     _check_crc(flat, header, file)
     out: dict[str, torch.Tensor] = {}
     consumed = set()
     entries = header["entries"]
-    if not isinstance(entries, dict) or not all(isinstance(m, dict) and isinstance(m.get("tensors"), list) for m in entries.values()):
+    if not isinstance(entries, dict) or not all(
+        isinstance(m, dict) and isinstance(m.get("tensors"), list) and all(isinstance(n, str) for n in m["tensors"])
+        for m in entries.values()
+    ):
         raise CheckpointError("the torchq header's entries are malformed", file=file)
     for key, meta in entries.items():
         tensors = {}
@@ -165,16 +178,24 @@ def _check_crc(flat: Mapping[str, torch.Tensor], header: Mapping[str, Any], file
     table = header.get("crc32")
     if table is None:
         return
-    if not isinstance(table, dict):
+    complete = header.get("crc32_complete", False)
+    if not isinstance(table, dict) or not isinstance(complete, bool):
         raise CheckpointError("the torchq header's checksum table is malformed", file=file)
     for name, t in flat.items():
         if name not in table:
-            raise CheckpointError("tensor not listed in the header's checksum table", file=file, tensor=name)
-        if tensor_crc32(t) != table[name]:
-            raise CheckpointError("data does not match its checksum (the file is damaged)", file=file, tensor=name)
+            if complete or SEPARATOR in name:  # inner tensors of quantized weights are always listed
+                raise CheckpointError("tensor not listed in the header's checksum table", file=file, tensor=name)
+            continue
+        check_crc32(t, table[name], name, file)
     missing = sorted(set(table) - set(flat))
-    if missing:
+    if complete and missing:
         raise CheckpointError(f"tensors listed in the header are missing: {missing[:5]}", file=file)
+
+
+def check_crc32(t: torch.Tensor, expected: Any, name: str, file: Optional[str] = None) -> None:
+    """Raise CheckpointError unless ``t``'s dtype, shape and bytes have CRC-32 ``expected``."""
+    if tensor_crc32(t) != expected:
+        raise CheckpointError("data does not match its checksum (the file is damaged)", file=file, tensor=name)
 
 
 def read_header(metadata: Optional[Mapping[str, str]], file: Optional[str] = None) -> Optional[dict[str, Any]]:
@@ -200,7 +221,7 @@ def read_header(metadata: Optional[Mapping[str, str]], file: Optional[str] = Non
 def rebuild_entry(key: str, meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """One quantized tensor from its header entry ``meta`` and its inner ``tensors`` by name."""
     fmt = meta.get("format")
-    if fmt not in _FORMATS:
+    if not isinstance(fmt, str) or fmt not in _FORMATS:
         raise CheckpointError(f"unknown torchq tensor format {fmt!r}; known: {sorted(_FORMATS)}", tensor=key,
                               fix="upgrade torchq, or import the package that registers this format")
     missing = sorted(set(meta["tensors"]) - set(tensors))
@@ -219,7 +240,7 @@ def rebuild_checked(build: Callable[[dict], torch.Tensor], state: dict, key: Opt
         return build(state)
     except CheckpointError:
         raise
-    except (ValueError, TypeError, KeyError, AttributeError, IndexError, RuntimeError, OverflowError) as e:
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, RuntimeError, ArithmeticError) as e:
         problem = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
         raise CheckpointError(problem, tensor=key) from e
 

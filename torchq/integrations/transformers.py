@@ -52,7 +52,15 @@ from ..configs import QuantConfig, config_from_dict
 from ..memory import release_file_pages, release_free_memory
 from ..row_chunks import quantize_in_row_chunks
 from ..schemes_vocab import config_from_scheme
-from ..serialization import HEADER_KEY, SEPARATOR, flatten_state_dict, read_header, rebuild_entry
+from ..serialization import (
+    HEADER_KEY,
+    SEPARATOR,
+    check_crc32,
+    flatten_state_dict,
+    read_header,
+    rebuild_entry,
+    tensor_crc32,
+)
 from ..tensors.base import TorchqTensor
 
 __all__ = ["TorchqConfig", "TorchqHfQuantizer", "QUANT_METHOD", "mark_quantized", "checkpoint_state_dict"]
@@ -172,6 +180,8 @@ class TorchqDeserialize(_SharedOp):
             if len(values) != 1:
                 raise ValueError(f"{full_layer_name}: expected one tensor for {pattern!r}, got {len(values)}")
             tensors[pattern.split(SEPARATOR, 1)[1]] = values[0]
+            if pattern in self.hf_quantizer.checksums:
+                check_crc32(values[0], self.hf_quantizer.checksums[pattern], pattern)
         weight = rebuild_entry(full_layer_name, meta, tensors)
         dtype = model.get_parameter(full_layer_name).dtype if model is not None else weight.dtype
         if dtype.is_floating_point and weight.dtype != dtype:  # follow from_pretrained(dtype=...)
@@ -191,6 +201,7 @@ class TorchqHfQuantizer(HfQuantizer):
         self.plan: dict[str, QuantConfig] = {}  # param name -> config (quantize-while-loading)
         self.notes: dict[str, str] = {}  # param name -> report note
         self.entries: dict[str, dict] = {}  # param name -> header entry (pre-quantized checkpoint)
+        self.checksums: dict[str, int] = {}  # tensor name -> CRC-32 from the header (pre-quantized)
         self.report: Optional[QuantizationReport] = None
 
     # -- environment
@@ -218,7 +229,7 @@ class TorchqHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         self.base_model_prefix = getattr(model, "base_model_prefix", "") or ""
         if self.pre_quantized:
-            self.entries = _read_entries(model, checkpoint_files)
+            self.entries, self.checksums = _read_entries(model, checkpoint_files)
         else:
             self.plan = plan_quantization(model, self.quantization_config)
         return model
@@ -338,8 +349,9 @@ def plan_quantization(model: nn.Module, config: TorchqConfig) -> dict[str, Quant
     return plan
 
 
-def _read_entries(model: nn.Module, checkpoint_files) -> dict[str, dict]:
-    """The quantized entries of a torchq checkpoint (all shards must carry the same header)."""
+def _read_entries(model: nn.Module, checkpoint_files) -> tuple[dict[str, dict], dict[str, int]]:
+    """The quantized entries of a torchq checkpoint (all shards must carry the same header) and
+    its tensors' CRC-32 table (empty for checkpoints written before it existed)."""
     from safetensors import safe_open
 
     files = list(checkpoint_files or [])
@@ -348,6 +360,7 @@ def _read_entries(model: nn.Module, checkpoint_files) -> dict[str, dict]:
             f"a torchq checkpoint is a set of safetensors files written by save_pretrained; got {files or 'no files'}"
         )
     entries: Optional[dict] = None
+    checksums: dict[str, int] = {}
     for f in files:
         with safe_open(f, framework="pt") as fh:
             header = read_header(fh.metadata())
@@ -356,6 +369,7 @@ def _read_entries(model: nn.Module, checkpoint_files) -> dict[str, dict]:
                 f"{f} has no torchq header although config.json says quant_method='torchq': the checkpoint was not "
                 "written by torchq's save_pretrained (or was rewritten by another tool)"
             )
+        checksums.update(header.get("crc32") or {})
         if entries is None:
             entries = header["entries"]
         elif header["entries"] != entries:
@@ -370,7 +384,7 @@ def _read_entries(model: nn.Module, checkpoint_files) -> dict[str, dict]:
             f"the checkpoint quantizes {unknown[:5]}{' ...' if len(unknown) > 5 else ''} which this "
             f"{type(model).__name__} does not have: wrong model class for this checkpoint?"
         )
-    return entries
+    return entries, checksums
 
 
 def checkpoint_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -392,6 +406,8 @@ def checkpoint_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], di
     header["aliases"] = {}
     for key in header["entries"]:
         flat[key] = torch.tensor(list(GUARD_BYTES), dtype=torch.uint8)
+    header["crc32"] = {name: tensor_crc32(t) for name, t in flat.items()}
+    header["crc32_complete"] = False  # transformers shards the file and writes tied tensors its own way
     metadata[HEADER_KEY] = json.dumps(header, sort_keys=True)
     return flat, metadata
 

@@ -14,7 +14,8 @@ plus the oneDNN route for large M (library GEMMs on AMX tiles); it exists only w
 cpuid has AMX-TILE/BF16/INT8, the OS enables tile state and Linux grants the process the
 tile-data permission (``arch_prctl(ARCH_REQ_XCOMP_PERM)``), so it can never SIGILL.
 ``TORCHQ_ISA=amx|avx512|avx2|scalar`` forces a path (an error if this CPU lacks it);
-:func:`force_isa` does the same in a ``with`` block. ``TORCHQ_TUNE=name=value,...`` sets kernel tunables at load (:func:`apply_tunables`).
+:func:`force_isa` does the same in a ``with`` block. ``TORCHQ_TUNE=name=value,...`` sets kernel tunables at load (:func:`apply_tunables`);
+``TORCHQ_SANITIZE=1`` builds (and caches separately) an AddressSanitizer/UBSan extension.
 If the build fails, torchq warns once and the reference kernels are used
 (:func:`available` returns False).
 """
@@ -49,6 +50,12 @@ ISAS = ("scalar", "avx2", "avx512", "amx")
 _CSRC = Path(__file__).with_name("csrc")
 _CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-Wno-unknown-pragmas"]
 _LDFLAGS = ["-fopenmp"]
+# TORCHQ_SANITIZE=1: AddressSanitizer + UBSan build (its own cache entry). Run Python with
+# LD_PRELOAD="$(gcc -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0 (README).
+_SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
+if os.environ.get("TORCHQ_SANITIZE") == "1":
+    _CFLAGS = [f for f in _CFLAGS if f != "-O3"] + ["-O1", "-g"] + _SANITIZE
+    _LDFLAGS = _LDFLAGS + _SANITIZE
 
 _lock = threading.Lock()
 _state: dict = {"loaded": False, "error": None}

@@ -196,7 +196,33 @@ class AffineQuantizedTensor(TorchqTensor):
     def _after_device_change(self) -> "AffineQuantizedTensor":
         return self._with_kernel()
 
+    def _metadata_problems(self) -> list[str]:
+        """Metadata of the wrong type or out of its domain (a damaged checkpoint header)."""
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        problems = []
+        if self.scheme not in SCHEMES:
+            problems.append(f"unknown scheme {self.scheme!r} (known: {sorted(SCHEMES)})")
+        for name in ("bits", "group_size", "quant_min", "quant_max", "padded_in_features"):
+            if not is_int(getattr(self, name)):
+                problems.append(f"{name} must be an integer, got {getattr(self, name)!r}")
+        if problems:
+            return problems
+        if not 2 <= self.bits <= 8:
+            problems.append(f"bits={self.bits} outside 2..8")
+        elif (self.quant_min, self.quant_max) not in (quant_range(self.bits, True), quant_range(self.bits, False)):
+            problems.append(f"code range [{self.quant_min}, {self.quant_max}] is not a {self.bits}-bit range")
+        if self.group_size <= 0:
+            problems.append(f"group_size must be positive, got {self.group_size}")
+        if self.zero_point_domain not in tuple(d.value for d in ZeroPointDomain):
+            problems.append(f"unknown zero_point_domain {self.zero_point_domain!r}")
+        return problems
+
     def _validate(self) -> None:
+        meta_problems = self._metadata_problems()
+        if meta_problems:
+            raise ValueError(f"invalid {type(self).__name__}: " + "; ".join(meta_problems))
         n, k = self.shape
         g = self.group_size
         groups = self.padded_in_features // g
@@ -214,6 +240,8 @@ class AffineQuantizedTensor(TorchqTensor):
             problems.append(f"zero_point shape {tuple(self.zero_point.shape)} != {(n, groups)}")
         if domain is ZeroPointDomain.FLOAT and self.zero_point is not None and not self.zero_point.is_floating_point():
             problems.append("a float zero point domain needs a floating-point zero_point")
+        if domain is ZeroPointDomain.INT and self.zero_point is not None and self.zero_point.dtype != torch.int8:
+            problems.append(f"an int zero point domain needs an int8 zero_point, got {self.zero_point.dtype}")
         for name in ("act_scale", "perm"):
             v = getattr(self, name)
             if v is not None and tuple(v.shape) != (k,):

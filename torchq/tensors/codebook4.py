@@ -183,7 +183,7 @@ class Codebook4Tensor(TorchqTensor):
         if self.scheme not in CODEBOOK_FORMATS:
             problems.append(f"unknown scheme {self.scheme!r} (known: {sorted(CODEBOOK_FORMATS)})")
         if bs not in BLOCK_SIZES:
-            problems.append(f"block_size {bs} not in {BLOCK_SIZES}")
+            raise ValueError(f"invalid {type(self).__name__}: block_size {bs!r} not in {BLOCK_SIZES}")
         kp = self.padded_in_features
         if kp % bs or kp < k or kp - k >= bs:
             problems.append(f"padded_in_features {kp} is not K={k} rounded up to block {bs}")
