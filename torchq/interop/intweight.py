@@ -28,7 +28,7 @@ import torch
 from ..primitives.affine import ZeroPointDomain
 from ..tensors.affine_quantized import AffineQuantizedTensor
 
-__all__ = ["IntWeight", "to_torchq", "from_torchq", "SCHEME_FOR_BITS"]
+__all__ = ["IntWeight", "to_torchq", "from_torchq", "SCHEME_FOR_BITS", "ACTIVATION_SCHEMES"]
 
 #: bits -> torchq scheme an imported weight of that width becomes
 SCHEME_FOR_BITS = {2: "intx_weight_only", 3: "intx_weight_only", 4: "int4_weight_only", 8: "int8_weight_only"}
@@ -117,11 +117,23 @@ def _perm_from_g_idx(g_idx: torch.Tensor, group_size: int, what: str) -> Optiona
     return perm
 
 
-def to_torchq(w: IntWeight, dtype: torch.dtype = torch.float32, what: str = "weight") -> AffineQuantizedTensor:
-    """The torchq tensor holding exactly ``w``'s codes, scales and zero points (see module doc)."""
+#: schemes with int8 dynamic per-token activations, by weight bits
+ACTIVATION_SCHEMES = {8: "w8a8", 4: "w4a8"}
+
+
+def to_torchq(
+    w: IntWeight, dtype: torch.dtype = torch.float32, what: str = "weight", scheme: Optional[str] = None
+) -> AffineQuantizedTensor:
+    """The torchq tensor holding exactly ``w``'s codes, scales and zero points (see module doc).
+
+    ``scheme`` overrides the weight-only scheme, e.g. ``"w8a8"`` for a checkpoint that also
+    quantizes activations (compressed-tensors W8A8).
+    """
     w.validate(what)
     if w.bits not in SCHEME_FOR_BITS:
         raise ValueError(f"{what}: {w.bits}-bit weights have no torchq scheme (supported: {sorted(SCHEME_FOR_BITS)})")
+    if scheme is not None and scheme != SCHEME_FOR_BITS[w.bits] and ACTIVATION_SCHEMES.get(w.bits) != scheme:
+        raise ValueError(f"{what}: torchq scheme {scheme!r} does not hold {w.bits}-bit weights")
     n, k = w.q.shape
     g = w.group_size
     groups = -(-k // g)
@@ -149,7 +161,7 @@ def to_torchq(w: IntWeight, dtype: torch.dtype = torch.float32, what: str = "wei
         zero.to(torch.int8) if zero is not None else None,
         outer_shape=(n, k),
         outer_dtype=dtype,
-        scheme=SCHEME_FOR_BITS[w.bits],
+        scheme=scheme or SCHEME_FOR_BITS[w.bits],
         bits=w.bits,
         group_size=g,
         quant_min=qmin,
@@ -168,13 +180,14 @@ def from_torchq(
     *,
     what: str = "weight",
     schemes: tuple[str, ...] = _EXPORTABLE_SCHEMES,
-    scale_dtype: torch.dtype = torch.float16,
+    scale_dtype: Optional[torch.dtype] = torch.float16,
 ) -> IntWeight:
     """The foreign-format view of a torchq weight: unsigned codes in original column order.
 
     Raises a ValueError naming the torchq config that would be exportable when ``t`` has
     no lossless form (float zero point, act_scale folded in, an unsupported scheme).
-    ``scale_dtype`` is what the target format stores (fp16 for AWQ/GPTQ): scales are cast to it.
+    ``scale_dtype`` is what the target format stores (fp16 for AWQ/GPTQ): scales are cast to it
+    (None keeps torchq's own, fp32 or fp16).
     """
     if not isinstance(t, AffineQuantizedTensor):
         raise ValueError(
@@ -206,7 +219,7 @@ def from_torchq(
         g_idx = torch.empty(k, dtype=torch.int64)
         g_idx[t.perm] = torch.arange(k) // t.group_size
     scale = c["scale"]
-    if scale.dtype != scale_dtype:
+    if scale_dtype is not None and scale.dtype != scale_dtype:
         scale = scale.to(scale_dtype)
     if not torch.isfinite(scale).all():
         raise ValueError(f"{what}: scales overflow {scale_dtype} (largest {float(c['scale'].abs().max()):.3g})")
