@@ -148,6 +148,8 @@ def to_torchq(
         codes, zero, qmin, qmax, domain = q, zeros, 0, 15, ZeroPointDomain.INT
     elif symmetric:
         codes, zero, qmin, qmax, domain = q - half, None, -half, half - 1, ZeroPointDomain.NONE
+        if w.bits == 8 and (codes.numel() == 0 or int(codes.min()) > -128):
+            qmin = -127  # torchq's own symmetric int8 range (its fast kernels take it); -128 stays exact
     elif w.bits == 8:
         codes, zero, qmin, qmax, domain = q - half, zeros - half, -half, half - 1, ZeroPointDomain.INT
     else:
