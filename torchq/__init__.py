@@ -86,8 +86,16 @@ def save_pretrained(model, out_dir, format="torchq", **kwargs):
     return _save_pretrained(model, out_dir, format, **kwargs)
 
 
+def save_gguf(model, path, **kwargs):
+    """Write a Llama-family torchq model as a llama.cpp GGUF file (see :mod:`torchq.interop.gguf_export`)."""
+    from .interop.gguf_export import save_gguf as _save_gguf
+
+    return _save_gguf(model, path, **kwargs)
+
+
 __all__ = [
     "quantize_",
+    "save_gguf",
     "from_pretrained",
     "save_pretrained",
     "QuantizationReport",
