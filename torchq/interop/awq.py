@@ -22,7 +22,7 @@ from typing import Callable, Mapping
 import torch
 
 from .bitpack import pack_int32, unpack_int32
-from .intweight import IntWeight
+from .intweight import IntWeight, bytes_as_words, words_as_bytes
 
 __all__ = ["read_awq", "write_awq", "awq_config", "AWQ_ORDER", "gemv_zeros_width", "VERSIONS"]
 
@@ -85,9 +85,10 @@ def read_awq(get: Callable[[str], torch.Tensor], prefix: str, qcfg: Mapping) -> 
                 f"({n}, >= {-(-groups // 8)}) and scales ({n}, 8 * qzeros width), got {tuple(qzeros.shape)} and "
                 f"{tuple(scales.shape)}"
             )
-        q = unpack_int32(qweight, 4, dim=1)
         z = unpack_int32(qzeros, 4, dim=1)[:, :groups]
-        s = scales[:, :groups]
+        w = IntWeight(None, scales[:, :groups].contiguous(), z.contiguous(), 4, g, None, words_as_bytes(qweight), k)
+        w.validate(prefix)
+        return w
     w = IntWeight(q.contiguous(), s.contiguous(), z.contiguous(), 4, g)
     w.validate(prefix)
     return w
@@ -109,7 +110,7 @@ def write_awq(w: IntWeight, prefix: str, qcfg: Mapping) -> dict[str, torch.Tenso
     scale = w.scale.to(torch.float16)
     if version == "gemm":
         return {
-            f"{prefix}.qweight": pack_int32(w.q.t(), 4, dim=1, order=AWQ_ORDER),
+            f"{prefix}.qweight": pack_int32(w.codes().t(), 4, dim=1, order=AWQ_ORDER),
             f"{prefix}.qzeros": pack_int32(z.t(), 4, dim=1, order=AWQ_ORDER),
             f"{prefix}.scales": scale.t().contiguous(),
         }
@@ -120,7 +121,7 @@ def write_awq(w: IntWeight, prefix: str, qcfg: Mapping) -> dict[str, torch.Tenso
     sp = torch.zeros(n, width * 8, dtype=torch.float16)
     sp[:, :groups] = scale
     return {
-        f"{prefix}.qweight": pack_int32(w.q, 4, dim=1),
+        f"{prefix}.qweight": bytes_as_words(w.packed()),
         f"{prefix}.qzeros": pack_int32(zp, 4, dim=1),
         f"{prefix}.scales": sp,
     }

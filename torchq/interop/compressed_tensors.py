@@ -31,7 +31,7 @@ from typing import Callable, Mapping, Optional
 import torch
 
 from .bitpack import pack_int32, per_word, unpack_int32
-from .intweight import IntWeight
+from .intweight import IntWeight, bytes_as_words, words_as_bytes
 
 __all__ = [
     "read_ct",
@@ -100,9 +100,14 @@ def read_ct(get: Callable[[str], torch.Tensor], prefix: str, group: Mapping, fmt
     half = 2 ** (bits - 1)
     sym = bool(args.get("symmetric", True))
     scale = get(f"{prefix}.weight_scale")
+    q = packed4 = None
     if fmt == "pack-quantized":
         n, k = (int(v) for v in get(f"{prefix}.weight_shape").tolist())
-        q = _unpack_dense(get(f"{prefix}.weight_packed"), bits, k, 1)
+        words = get(f"{prefix}.weight_packed")
+        if bits == 4:  # sequential nibbles, low first: the words' bytes are torchq's byte order
+            packed4 = words_as_bytes(words)[:, : -(-k // 2)]
+        else:
+            q = _unpack_dense(words, bits, k, 1)
     elif fmt in ("int-quantized", "naive-quantized"):
         raw = get(f"{prefix}.weight")
         if raw.dtype != torch.int8:
@@ -133,7 +138,7 @@ def read_ct(get: Callable[[str], torch.Tensor], prefix: str, group: Mapping, fmt
         g_idx = get(f"{prefix}.weight_g_idx").long()
     except KeyError:
         pass
-    w = IntWeight(q.contiguous(), scale.contiguous(), zero, bits, g, g_idx)
+    w = IntWeight(q.contiguous() if q is not None else None, scale.contiguous(), zero, bits, g, g_idx, packed4, k)
     w.validate(prefix)
     return w
 
@@ -183,14 +188,14 @@ def write_ct(w: IntWeight, prefix: str, fmt: str) -> dict[str, torch.Tensor]:
     half = 2 ** (w.bits - 1)
     out = {f"{prefix}.weight_scale": w.scale.contiguous()}
     if fmt == "pack-quantized":
-        out[f"{prefix}.weight_packed"] = _pack_dense(w.q, w.bits, 1)
+        out[f"{prefix}.weight_packed"] = bytes_as_words(w.packed()) if w.bits == 4 else _pack_dense(w.codes(), w.bits, 1)
         out[f"{prefix}.weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
         if w.zero is not None:
             out[f"{prefix}.weight_zero_point"] = _pack_dense(w.zero, w.bits, 0)
     elif fmt == "int-quantized":
         if w.bits != 8:
             raise ValueError(f"{prefix}: int-quantized holds 8-bit weights, this one has {w.bits} bits")
-        out[f"{prefix}.weight"] = (w.q - half).to(torch.int8)
+        out[f"{prefix}.weight"] = (w.codes() - half).to(torch.int8)
         if w.zero is not None:
             out[f"{prefix}.weight_zero_point"] = (w.zero - half).to(torch.int8)
     else:

@@ -24,7 +24,7 @@ from typing import Callable, Mapping
 import torch
 
 from .bitpack import pack_int32, per_word, unpack_int32
-from .intweight import IntWeight
+from .intweight import IntWeight, bytes_as_words, words_as_bytes
 
 __all__ = ["read_gptq", "write_gptq", "gptq_config", "CHECKPOINT_FORMATS", "TENSOR_NAMES"]
 
@@ -58,7 +58,6 @@ def read_gptq(get: Callable[[str], torch.Tensor], prefix: str, qcfg: Mapping) ->
             f"(K={k}, N={n}) needs scales {(groups, n)} and qzeros {(groups, n // p)}, got "
             f"{tuple(scales.shape)} and {tuple(qzeros.shape)}"
         )
-    q = unpack_int32(qweight, bits, dim=0).t()
     z = unpack_int32(qzeros, bits, dim=1).t()
     if version == "gptq":
         if bool((z == 2**bits - 1).any()):
@@ -73,7 +72,10 @@ def read_gptq(get: Callable[[str], torch.Tensor], prefix: str, qcfg: Mapping) ->
         g_idx = get(f"{prefix}.g_idx").long()
     except KeyError:
         pass
-    w = IntWeight(q.contiguous(), scales.t().contiguous(), z.contiguous(), bits, g, g_idx)
+    if bits == 4:  # a word's bytes hold rows 8r+2b (low nibble) and 8r+2b+1: torchq's byte order
+        w = IntWeight(None, scales.t().contiguous(), z.contiguous(), bits, g, g_idx, words_as_bytes(qweight.t()), k)
+    else:
+        w = IntWeight(unpack_int32(qweight, bits, dim=0).t().contiguous(), scales.t().contiguous(), z.contiguous(), bits, g, g_idx)
     w.validate(prefix)
     return w
 
@@ -95,7 +97,7 @@ def write_gptq(w: IntWeight, prefix: str, qcfg: Mapping) -> dict[str, torch.Tens
             )
         z = z - 1
     return {
-        f"{prefix}.qweight": pack_int32(w.q.t(), w.bits, dim=0),
+        f"{prefix}.qweight": bytes_as_words(w.packed()).t().contiguous() if w.bits == 4 else pack_int32(w.codes().t(), w.bits, dim=0),
         f"{prefix}.qzeros": pack_int32(z.t(), w.bits, dim=1),
         f"{prefix}.scales": w.scale.t().contiguous().to(torch.float16),
         f"{prefix}.g_idx": w.group_index().to(torch.int32),

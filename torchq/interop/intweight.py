@@ -20,15 +20,17 @@ has ``group_size`` members, which GPTQ's act-order always produces; anything els
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from ..primitives.affine import ZeroPointDomain
+from ..primitives.packing import pack_int4, unpack_int4
 from ..tensors.affine_quantized import AffineQuantizedTensor
 
-__all__ = ["IntWeight", "to_torchq", "from_torchq", "SCHEME_FOR_BITS", "ACTIVATION_SCHEMES"]
+__all__ = ["IntWeight", "to_torchq", "from_torchq", "words_as_bytes", "bytes_as_words", "SCHEME_FOR_BITS", "ACTIVATION_SCHEMES"]
 
 #: bits -> torchq scheme an imported weight of that width becomes
 SCHEME_FOR_BITS = {2: "intx_weight_only", 3: "intx_weight_only", 4: "int4_weight_only", 8: "int8_weight_only"}
@@ -42,18 +44,39 @@ class IntWeight:
     ``q``: int32 ``(N, K)`` unsigned codes; ``scale``: fp16 (or fp32) ``(N, G)``, ``G =
     ceil(K / group_size)``; ``zero``: int32 ``(N, G)`` unsigned zero points, or None for
     the symmetric ``z = 2**(bits-1)``; ``g_idx``: int64 ``(K,)`` or None.
+
+    4-bit weights may instead carry ``packed4``: uint8 ``(N, ceil(K/2))`` in torchq's
+    canonical nibble order (byte ``j`` = codes ``2j`` low, ``2j+1`` high) with ``q=None`` and
+    ``in_features=K``. GPTQ, AWQ gemv and compressed-tensors words *are* that byte order
+    when viewed as little-endian bytes, so importing them moves bytes without unpacking.
     """
 
-    q: torch.Tensor
+    q: Optional[torch.Tensor]
     scale: torch.Tensor
     zero: Optional[torch.Tensor]
     bits: int
     group_size: int
     g_idx: Optional[torch.Tensor] = None
+    packed4: Optional[torch.Tensor] = None
+    in_features: Optional[int] = None
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.q.shape)
+        if self.q is not None:
+            return tuple(self.q.shape)
+        return (self.packed4.shape[0], int(self.in_features))
+
+    def codes(self) -> torch.Tensor:
+        """Unsigned codes, int32 ``(N, K)``."""
+        if self.q is not None:
+            return self.q
+        return unpack_int4(self.packed4, self.in_features).to(torch.int32)
+
+    def packed(self) -> torch.Tensor:
+        """4-bit codes as canonical bytes, uint8 ``(N, ceil(K/2))``."""
+        if self.bits != 4:
+            raise ValueError(f"only 4-bit weights pack two codes per byte, this one has {self.bits} bits")
+        return self.packed4 if self.packed4 is not None else pack_int4(self.q)
 
     def zeros(self) -> torch.Tensor:
         """Zero points ``(N, G)`` int32, the implicit midpoint when symmetric."""
@@ -62,7 +85,7 @@ class IntWeight:
         return torch.full(self.scale.shape, 2 ** (self.bits - 1), dtype=torch.int32)
 
     def group_index(self) -> torch.Tensor:
-        k = self.q.shape[1]
+        k = self.shape[1]
         if self.g_idx is not None:
             return self.g_idx.long()
         return torch.arange(k) // self.group_size
@@ -71,18 +94,20 @@ class IntWeight:
         """fp32 ``(N, K)`` by the formats' own definition, exact (small int times fp16 fits fp32)."""
         g = self.group_index()
         z = self.zeros()[:, g].float()
-        return (self.q.float() - z) * self.scale[:, g].float()
+        return (self.codes().float() - z) * self.scale[:, g].float()
 
     def validate(self, what: str = "weight") -> None:
-        n, k = self.q.shape
+        n, k = self.shape
         groups = -(-k // self.group_size)
         top = 2**self.bits - 1
         problems = []
+        if self.q is None and (self.packed4 is None or self.bits != 4 or self.packed4.shape[1] != -(-k // 2)):
+            problems.append("packed4 needs 4 bits and (N, ceil(K/2)) bytes")
         if tuple(self.scale.shape) != (n, groups):
             problems.append(f"scales have shape {tuple(self.scale.shape)}, expected {(n, groups)}")
         if self.zero is not None and tuple(self.zero.shape) != (n, groups):
             problems.append(f"zero points have shape {tuple(self.zero.shape)}, expected {(n, groups)}")
-        if self.q.numel() and (int(self.q.min()) < 0 or int(self.q.max()) > top):
+        if self.q is not None and self.q.numel() and (int(self.q.min()) < 0 or int(self.q.max()) > top):
             problems.append(f"codes outside [0, {top}]")
         if self.zero is not None and self.zero.numel() and (int(self.zero.min()) < 0 or int(self.zero.max()) > top):
             problems.append(f"zero points outside [0, {top}] (min {int(self.zero.min())}, max {int(self.zero.max())})")
@@ -93,6 +118,23 @@ class IntWeight:
                 problems.append(f"g_idx values outside [0, {groups - 1}]")
         if problems:
             raise ValueError(f"{what}: " + "; ".join(problems))
+
+
+def words_as_bytes(words: torch.Tensor) -> torch.Tensor:
+    """Little-endian bytes of int32 words along the last dim: ``(R, W)`` -> uint8 ``(R, 4W)``."""
+    if sys.byteorder != "little":  # pragma: no cover - every supported CPU is little-endian
+        raise NotImplementedError("byte views of packed words assume a little-endian CPU")
+    return words.contiguous().view(torch.uint8)
+
+
+def bytes_as_words(b: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`words_as_bytes`; the byte count is zero-padded to a multiple of 4."""
+    if sys.byteorder != "little":  # pragma: no cover
+        raise NotImplementedError("byte views of packed words assume a little-endian CPU")
+    pad = -b.shape[-1] % 4
+    if pad:
+        b = torch.nn.functional.pad(b, (0, pad))
+    return b.contiguous().view(torch.int32)
 
 
 # ---------------------------------------------------------------------- import
@@ -134,14 +176,38 @@ def to_torchq(
         raise ValueError(f"{what}: {w.bits}-bit weights have no torchq scheme (supported: {sorted(SCHEME_FOR_BITS)})")
     if scheme is not None and scheme != SCHEME_FOR_BITS[w.bits] and ACTIVATION_SCHEMES.get(w.bits) != scheme:
         raise ValueError(f"{what}: torchq scheme {scheme!r} does not hold {w.bits}-bit weights")
-    n, k = w.q.shape
+    n, k = w.shape
     g = w.group_size
     groups = -(-k // g)
     half = 2 ** (w.bits - 1)
     zeros = w.zeros()
     symmetric = bool((zeros == half).all())
-    q = w.q
     perm = _perm_from_g_idx(w.g_idx, g, what) if w.g_idx is not None else None
+    meta = dict(
+        outer_shape=(n, k),
+        outer_dtype=dtype,
+        scheme=scheme or SCHEME_FOR_BITS[w.bits],
+        bits=w.bits,
+        group_size=g,
+    )
+    if w.bits == 4 and perm is None:
+        # canonical packed_int4 stores q - quant_min: the unsigned code itself for both the
+        # symmetric (quant_min -8, z = 8) and the asymmetric (quant_min 0) mapping
+        qdata = w.packed()
+        pad = groups * g // 2 - qdata.shape[1]
+        if pad:
+            qdata = torch.nn.functional.pad(qdata, (0, pad))
+        zero = None if symmetric else zeros.to(torch.int8)
+        qmin, qmax, domain = (-8, 7, ZeroPointDomain.NONE) if symmetric else (0, 15, ZeroPointDomain.INT)
+        return AffineQuantizedTensor.from_canonical(
+            dict(qdata=qdata.contiguous(), scale=w.scale, zero_point=zero),
+            quant_min=qmin,
+            quant_max=qmax,
+            zero_point_domain=domain.value,
+            padded_in_features=groups * g,
+            **meta,
+        )
+    q = w.codes()
     if perm is not None:
         q = q[:, perm]
     if w.bits == 4 and not symmetric:
@@ -161,15 +227,11 @@ def to_torchq(
         codes.to(torch.int8),
         w.scale,
         zero.to(torch.int8) if zero is not None else None,
-        outer_shape=(n, k),
-        outer_dtype=dtype,
-        scheme=scheme or SCHEME_FOR_BITS[w.bits],
-        bits=w.bits,
-        group_size=g,
         quant_min=qmin,
         quant_max=qmax,
         zero_point_domain=domain,
         perm=perm,
+        **meta,
     )
 
 
@@ -212,19 +274,26 @@ def from_torchq(
     half = 2 ** (bits - 1)
     shift = half if domain is ZeroPointDomain.NONE else -t.quant_min
     c = t.canonical_tensors()
-    codes = t.codes().to(torch.int32) + shift
     zero = None if domain is ZeroPointDomain.NONE else c["zero_point"].to(torch.int32) + shift
     g_idx = None
-    if t.perm is not None:
-        inv = torch.argsort(t.perm)
-        codes = codes[:, inv]
-        g_idx = torch.empty(k, dtype=torch.int64)
-        g_idx[t.perm] = torch.arange(k) // t.group_size
+    codes = packed4 = None
+    if bits == 4 and t.perm is None and shift == -t.quant_min and c["qdata"].dtype == torch.uint8:
+        packed4 = c["qdata"][:, : -(-k // 2)]  # canonical bytes hold q - quant_min = the unsigned code
+        if k % 2:
+            packed4 = packed4.clone()
+            packed4[:, -1] &= 0x0F  # the padding code in the last high nibble is not part of the weight
+    else:
+        codes = t.codes().to(torch.int32) + shift
+        if t.perm is not None:
+            codes = codes[:, torch.argsort(t.perm)]
+            g_idx = torch.empty(k, dtype=torch.int64)
+            g_idx[t.perm] = torch.arange(k) // t.group_size
+        codes = codes[:, :k].contiguous()
     scale = c["scale"]
     if scale_dtype is not None and scale.dtype != scale_dtype:
         scale = scale.to(scale_dtype)
     if not torch.isfinite(scale).all():
         raise ValueError(f"{what}: scales overflow {scale_dtype} (largest {float(c['scale'].abs().max()):.3g})")
-    out = IntWeight(codes[:, :k].contiguous(), scale.contiguous(), zero, bits, t.group_size, g_idx)
+    out = IntWeight(codes, scale.contiguous(), zero, bits, t.group_size, g_idx, packed4, k)
     out.validate(what)
     return out
