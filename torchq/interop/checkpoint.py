@@ -30,12 +30,23 @@ logger = logging.getLogger("torchq")
 LinearReader = Callable[[Callable[[str], torch.Tensor], str], tuple[IntWeight, Optional[str]]]
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
 class LazyTensors:
-    """The tensors of a directory's safetensors shards, opened once and read one at a time."""
+    """The tensors of a directory's safetensors shards, read one at a time on request.
+
+    Reads each tensor with a plain ``readinto`` at its offset (the safetensors layout: an
+    8-byte little-endian header length, a JSON header of dtype/shape/data_offsets, the data)
+    instead of memory-mapping the shards: pages of a mapping stay resident (and counted in
+    the process's RSS) once touched, which would add the whole checkpoint to the peak.
+    """
 
     def __init__(self, directory: str):
-        from safetensors import safe_open
-
         index = os.path.join(directory, "model.safetensors.index.json")
         if os.path.isfile(index):
             with open(index, encoding="utf-8") as f:
@@ -45,8 +56,14 @@ class LazyTensors:
             files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
         if not files:
             raise FileNotFoundError(f"{directory} has no *.safetensors files (only safetensors checkpoints are read)")
-        self._handles = [safe_open(path, framework="pt") for path in files]
-        self._where = {name: h for h in self._handles for name in h.keys()}
+        self._where: dict[str, tuple[str, int, dict]] = {}
+        for path in files:
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            for name, info in header.items():
+                self._where[name] = (path, 8 + n, info)
 
     def names(self) -> set[str]:
         return set(self._where)
@@ -56,10 +73,19 @@ class LazyTensors:
 
     def __call__(self, name: str) -> torch.Tensor:
         try:
-            handle = self._where[name]
+            path, base, info = self._where[name]
         except KeyError:
             raise KeyError(name) from None
-        return handle.get_tensor(name)
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, which torchq does not read")
+        start, end = info["data_offsets"]
+        buf = torch.empty(end - start, dtype=torch.uint8)
+        with open(path, "rb") as f:
+            f.seek(base + start)
+            if f.readinto(buf.numpy()) != end - start:
+                raise ValueError(f"{path} is truncated: tensor {name} ends past the end of the file")
+        return buf.view(dtype).reshape(info["shape"])
 
 
 @dataclass(frozen=True)
