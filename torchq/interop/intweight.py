@@ -124,7 +124,8 @@ def words_as_bytes(words: torch.Tensor) -> torch.Tensor:
     """Little-endian bytes of int32 words along the last dim: ``(R, W)`` -> uint8 ``(R, 4W)``."""
     if sys.byteorder != "little":  # pragma: no cover - every supported CPU is little-endian
         raise NotImplementedError("byte views of packed words assume a little-endian CPU")
-    return words.contiguous().view(torch.uint8)
+    # through a flat view: a size-1 dim can leave "contiguous" tensors with a stride != 1
+    return words.contiguous().reshape(-1).view(torch.uint8).reshape(*words.shape[:-1], words.shape[-1] * 4)
 
 
 def bytes_as_words(b: torch.Tensor) -> torch.Tensor:
@@ -134,7 +135,7 @@ def bytes_as_words(b: torch.Tensor) -> torch.Tensor:
     pad = -b.shape[-1] % 4
     if pad:
         b = torch.nn.functional.pad(b, (0, pad))
-    return b.contiguous().view(torch.int32)
+    return b.contiguous().reshape(-1).view(torch.int32).reshape(*b.shape[:-1], b.shape[-1] // 4)
 
 
 # ---------------------------------------------------------------------- import
