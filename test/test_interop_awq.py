@@ -106,3 +106,27 @@ def test_awq_refuses_what_it_cannot_hold():
     tensors, qcfg, _ = _awq_case(8, 128, 64, "gemm", False, 0)
     with pytest.raises(ValueError, match="group_size=32"):
         read_awq(tensors.__getitem__, "l", dict(qcfg, group_size=32))
+
+
+def test_third_party_awq_decoder_agrees():
+    """compressed-tensors' own AutoAWQ-gemm converter (an independent reading of the format)
+    turns torchq's AWQ export into the same weights and codes."""
+    ct = pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.entrypoints.convert.converters.autoawq import AutoAWQConverter
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    torch.manual_seed(0)
+    t = torchq.AffineQuantizedTensor.from_float(torch.randn(24, 256), scheme="int4_weight_only", bits=4, group_size=64, symmetric=False)
+    tensors = write_awq(from_torchq(t), "m.l", {"version": "gemm"})
+    converted = AutoAWQConverter(group_size=64).process(dict(tensors))
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(num_bits=4, symmetric=False, strategy="group", group_size=64))
+    local = {k[len("m.l."):]: v for k, v in converted.items()}
+    out = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
+    assert out.dtype == torch.float16
+    c = t.canonical_tensors()
+    exact = torchq.AffineQuantizedTensor.from_codes(
+        t.codes(), c["scale"].half(), c["zero_point"], outer_shape=(24, 256), outer_dtype=torch.float32,
+        scheme="int4_weight_only", bits=4, group_size=64, quant_min=0, quant_max=15, zero_point_domain="int",
+    ).dequantize(torch.float32)
+    assert torch.equal(out, exact.half())  # the library multiplies in fp16: equal after the same rounding
