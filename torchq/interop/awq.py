@@ -71,9 +71,10 @@ def read_awq(get: Callable[[str], torch.Tensor], prefix: str, qcfg: Mapping) -> 
                 f"{prefix}: AWQ gemm qweight {tuple(qweight.shape)} (K={k}, N={n}) at group_size={g} needs scales "
                 f"{(groups, n)} and qzeros {(groups, n // 8)}, got {tuple(scales.shape)} and {tuple(qzeros.shape)}"
             )
-        q = unpack_int32(qweight, 4, dim=1, order=AWQ_ORDER).t()
         z = unpack_int32(qzeros, 4, dim=1, order=AWQ_ORDER).t()
-        s = scales.t()
+        w = IntWeight(None, scales.t().contiguous(), z.contiguous(), 4, g, None, _gemm_to_packed(qweight), k)
+        w.validate(prefix)
+        return w
     else:
         n, k = qweight.shape[0], qweight.shape[1] * 8
         g = _group(qcfg, k)
@@ -89,9 +90,24 @@ def read_awq(get: Callable[[str], torch.Tensor], prefix: str, qcfg: Mapping) -> 
         w = IntWeight(None, scales[:, :groups].contiguous(), z.contiguous(), 4, g, None, words_as_bytes(qweight), k)
         w.validate(prefix)
         return w
-    w = IntWeight(q.contiguous(), s.contiguous(), z.contiguous(), 4, g)
-    w.validate(prefix)
-    return w
+
+
+def _gemm_to_packed(qweight: torch.Tensor) -> torch.Tensor:
+    """gemm ``qweight`` (K, N/8) -> torchq canonical bytes (N, K/2), in uint8 steps.
+
+    Byte ``b`` of a word holds slots ``2b`` (low nibble) and ``2b + 1`` (high); slot ``i`` is
+    column ``8c + AWQ_ORDER[i]``. One byte per code throughout (no int32/int64 unpacking).
+    """
+    k = qweight.shape[0]
+    b = words_as_bytes(qweight)  # (K, N/2)
+    slots = torch.stack((b & 0x0F, b >> 4), dim=-1).reshape(k, -1, 8)  # (K, N/8, 8) by slot
+    cols = slots[..., _SLOT_OF_COLUMN].reshape(k, -1)  # (K, N) codes by column
+    t = cols.t().contiguous()  # (N, K)
+    return t[:, 0::2] | (t[:, 1::2] << 4)
+
+
+#: for column j of a run of 8, the slot holding it (inverse of AWQ_ORDER)
+_SLOT_OF_COLUMN = [AWQ_ORDER.index(j) for j in range(8)]
 
 
 def write_awq(w: IntWeight, prefix: str, qcfg: Mapping) -> dict[str, torch.Tensor]:
