@@ -153,3 +153,13 @@ def test_uneven_act_order_groups_refused():
     tensors["l.g_idx"] = g_idx
     with pytest.raises(ValueError, match="g_idx groups have sizes"):
         to_torchq(read_gptq(tensors.__getitem__, "l", qcfg))
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_two_bit_gptq_becomes_intx(sym):
+    tensors, qcfg, expected = _gptq_case(16, 64, 32, 2, sym, True, "gptq_v2", 5)
+    t = to_torchq(read_gptq(tensors.__getitem__, "l", qcfg))
+    assert t.scheme == "intx_weight_only" and t.bits == 2 and t.perm is not None
+    assert torch.equal(t.dequantize(torch.float32), expected)
+    back = write_gptq(from_torchq(t), "l", qcfg)
+    assert all(torch.equal(back[k], v) for k, v in tensors.items())
