@@ -1,0 +1,53 @@
+"""Golden files written by AutoAWQ 0.2.9 itself (test/fixtures/make_awq_fixtures.py, versions
+in test/fixtures/awq/versions.json): torchq loads its gemm and gemv checkpoints to AutoAWQ's
+own dequantized weights and logits, and re-exports them byte for byte."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import torchq
+
+HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "awq")
+pytestmark = pytest.mark.skipif(not os.path.isdir(HERE), reason="AutoAWQ fixtures not generated")
+
+
+@pytest.fixture(scope="module")
+def expected():
+    return load_file(os.path.join(HERE, "autoawq_expected.safetensors"))
+
+
+@pytest.mark.parametrize("version", ["gemm", "gemv"])
+def test_autoawq_checkpoint_matches_autoawq(version, expected, tmp_path):
+    model = torchq.from_pretrained(os.path.join(HERE, version))
+    layers = [k for k in expected if k != "logits"]
+    assert len(layers) == 14
+    for name in layers:
+        w = model.get_submodule(name).weight
+        assert isinstance(w, torchq.AffineQuantizedTensor) and w.scale.dtype == torch.float16, name
+        # AutoAWQ's dequantize_gemm rounds (q - z) * s to fp16; torchq's exact fp32 matches after the cast
+        assert torch.equal(w.dequantize(torch.float32).half(), expected[name]), name
+    ids = torch.tensor(json.load(open(os.path.join(HERE, "versions.json")))["prompt_ids"])
+    with torch.no_grad():
+        logits = model(ids).logits
+    # AutoAWQ ran the model in fp16 on CPU; torchq runs fp32: close, and the same next tokens
+    torch.testing.assert_close(logits, expected["logits"], rtol=0.02, atol=0.02)
+    assert torch.equal(logits.argmax(-1), expected["logits"].argmax(-1))
+    torchq.save_pretrained(model, tmp_path / "re", f"awq-{version}")
+    a, b = load_file(os.path.join(HERE, version, "model.safetensors")), load_file(str(tmp_path / "re" / "model.safetensors"))
+    for k, v in a.items():
+        if k.endswith(("qweight", "qzeros", "scales")):
+            assert torch.equal(b[k], v), k
+
+
+def test_gemm_and_gemv_files_hold_the_same_weights():
+    gemm = torchq.from_pretrained(os.path.join(HERE, "gemm"))
+    gemv = torchq.from_pretrained(os.path.join(HERE, "gemv"))
+    for (name, a), (_, b) in zip(gemm.named_parameters(), gemv.named_parameters()):
+        if isinstance(a, torchq.AffineQuantizedTensor):
+            assert torch.equal(a.dequantize(torch.float32), b.dequantize(torch.float32)), name
