@@ -51,3 +51,28 @@ def test_gemm_and_gemv_files_hold_the_same_weights():
     for (name, a), (_, b) in zip(gemm.named_parameters(), gemv.named_parameters()):
         if isinstance(a, torchq.AffineQuantizedTensor):
             assert torch.equal(a.dequantize(torch.float32), b.dequantize(torch.float32)), name
+
+
+GPTQ = os.path.join(os.path.dirname(HERE), "gptq")
+
+
+@pytest.mark.skipif(not os.path.isdir(GPTQ), reason="auto-round GPTQ fixture not generated")
+def test_autoround_gptq_export_loads_with_v1_zero_points(tmp_path):
+    """auto-round 0.16.1's GPTQ export (v1: qzeros hold z - 1) imports onto the weights it
+    quantized: within half a scale step on average, where misreading z - 1 as z would put
+    every weight a whole step off; torchq's re-export is byte-identical."""
+    model = torchq.from_pretrained(GPTQ)
+    floats = load_file(os.path.join(GPTQ, "float_weights.safetensors"))
+    assert len(floats) == 14
+    for name, w_float in floats.items():
+        w = model.get_submodule(name).weight
+        assert isinstance(w, torchq.AffineQuantizedTensor) and w.zero_point is not None, name
+        s = w.scale.float().repeat_interleave(64, dim=1)[:, : w.shape[1]]
+        err = ((w_float.float() - w.dequantize(torch.float32)) / s).abs().mean().item()
+        err_without_plus_one = ((w_float.float() - (w.dequantize(torch.float32) + s)) / s).abs().mean().item()
+        assert err < 0.35 < 0.6 < err_without_plus_one, (name, err, err_without_plus_one)
+    torchq.save_pretrained(model, tmp_path / "re", "gptq")
+    a, b = load_file(os.path.join(GPTQ, "model.safetensors")), load_file(str(tmp_path / "re" / "model.safetensors"))
+    for k, v in a.items():
+        if k.endswith(("qweight", "qzeros", "scales", "g_idx")):
+            assert torch.equal(b[k], v), k
