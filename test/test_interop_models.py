@@ -153,3 +153,14 @@ def test_torchq_format_round_trip(tmp_path):
     torchq.save_pretrained(model, tmp_path / "t", "torchq")
     assert detect_source(str(tmp_path / "t")) == "torchq"
     assert torch.equal(_logits(torchq.from_pretrained(str(tmp_path / "t"))), _logits(model))
+
+
+def test_dtype_and_config_overrides(tmp_path):
+    model = _quantized(torchq.int4_weight_only(group_size=32))
+    torchq.save_pretrained(model, tmp_path / "g", "gptq")
+    bf16 = torchq.from_pretrained(str(tmp_path / "g"), dtype=torch.bfloat16, attn_implementation="eager")
+    assert bf16.model.embed_tokens.weight.dtype == torch.bfloat16 and bf16.config._attn_implementation == "eager"
+    assert bf16.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(_logits(bf16).float(), _logits(model), rtol=0.1, atol=0.1)
+    with pytest.raises(ValueError, match="CPU only"):
+        torchq.from_pretrained(str(tmp_path / "g"), device="cuda")
