@@ -87,6 +87,8 @@ def test_export_reimport_identical(tmp_path, fmt, config, opts):
             assert w.scheme == m.weight.scheme and torch.equal(w.codes()[:, :k], m.weight.codes()[:, :k]), name
             scale_dtype = m.weight.scale.dtype if fmt == "compressed-tensors" else torch.float16
             assert torch.equal(w.scale, m.weight.scale.to(scale_dtype)), name
+            # the same kernel as the torchq-quantized weight: an import runs at torchq's speed
+            assert w.kernel == m.weight.kernel and w.quant_layout == m.weight.quant_layout, name
     assert isinstance(loaded.lm_head.weight, torch.nn.Parameter) and loaded.lm_head.weight.dtype == torch.float32
     # export of the import is byte-identical, and so are the logits of both imports
     torchq.save_pretrained(loaded, b, fmt, **opts)
