@@ -10,6 +10,7 @@ checkpoint (``quant_method: "torchq"``, or the older ``torchq`` marker), or a fl
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Callable, Optional
 
@@ -99,7 +100,22 @@ def from_pretrained(path: str, *, dtype: torch.dtype = torch.float32, device: st
     if str(device) != "cpu":
         raise ValueError(f"torchq.from_pretrained loads onto the CPU only, got device={device!r}; move the model afterwards")
     kind = detect_source(path)
-    return LOADERS[kind](os.fspath(path), dtype, **overrides)
+    with _one_thread():
+        return LOADERS[kind](os.fspath(path), dtype, **overrides)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Convert tensors with one intra-op thread. Loading runs thousands of small elementwise
+    ops (repacking into kernel layouts); on a busy host torch's thread pool makes them ~30x
+    slower (SmolLM2: 33 s of repacking with 2 threads, 1 s with 1), and a single tensor is too
+    small to gain from threads anyway. The caller's setting is restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def load_tokenizer(path: str):
