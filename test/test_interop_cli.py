@@ -50,3 +50,14 @@ def test_convert_gguf_round_trip_and_refusal(tmp_path, capsys):
 def test_convert_help():
     with pytest.raises(SystemExit):
         cli.main(["convert", "--help"])
+
+
+def test_convert_with_scheme(tmp_path, capsys):
+    src = tmp_path / "tiny.gguf"
+    write_tiny_llama(str(src))
+    out = tmp_path / "ct"
+    assert cli.main(["convert", str(src), str(out), "--format", "compressed-tensors", "--scheme", "int4", "--group-size", "32"]) == 0
+    model = torchq.from_pretrained(str(out))
+    assert isinstance(model.model.layers[0].mlp.up_proj.weight, torchq.AffineQuantizedTensor)
+    assert cli.main(["convert", str(out), str(tmp_path / "x"), "--format", "gptq", "--scheme", "int4"]) == 2
+    assert "already quantized" in capsys.readouterr().err

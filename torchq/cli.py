@@ -245,8 +245,18 @@ def cmd_convert(args) -> int:
 
     if args.scheme:
         config_from_scheme(args.scheme, args.group_size)  # fail before loading
+    from .interop.load import detect_source
+
+    kind = detect_source(args.source)
+    if args.scheme and kind not in ("float", "gguf"):
+        raise ValueError(f"{args.source} is already quantized ({kind}); --scheme needs a float model or a GGUF file")
     t0 = time.perf_counter()
-    model = from_pretrained(args.source, dtype=_dtype(args.dtype))
+    if args.scheme and kind == "gguf":  # quantize the dequantized float model, not the file's blocks
+        from .interop.gguf import load_gguf
+
+        model = load_gguf(args.source, dtype=_dtype(args.dtype), keep_quantized=False)
+    else:
+        model = from_pretrained(args.source, dtype=_dtype(args.dtype))
     tokenizer = load_tokenizer(args.source)
     print(f"loaded {args.source} in {time.perf_counter() - t0:.1f} s")
     if args.scheme:
