@@ -76,3 +76,34 @@ def test_autoround_gptq_export_loads_with_v1_zero_points(tmp_path):
     for k, v in a.items():
         if k.endswith(("qweight", "qzeros", "scales", "g_idx")):
             assert torch.equal(b[k], v), k
+
+
+CT = os.path.join(os.path.dirname(HERE), "compressed_tensors")
+
+
+@pytest.mark.skipif(not os.path.isdir(CT), reason="compressed-tensors fixture not generated")
+def test_autoround_compressed_tensors_export_matches_the_library(tmp_path):
+    """auto-round's llm_compressor export (pack-quantized, asymmetric g64) imports to exactly
+    what the compressed-tensors library decompresses, and re-exports byte for byte."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+
+    qcfg = json.load(open(os.path.join(CT, "config.json")))["quantization_config"]
+    (group,) = qcfg["config_groups"].values()
+    scheme = QuantizationScheme(**group)
+    files = load_file(os.path.join(CT, "model.safetensors"))
+    model = torchq.from_pretrained(CT)
+    names = sorted({k.rsplit(".", 1)[0] for k in files if k.endswith(".weight_packed")})
+    assert len(names) == 14
+    for name in names:
+        local = {k[len(name) + 1 :]: v for k, v in files.items() if k.rsplit(".", 1)[0] == name}
+        ref = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
+        w = model.get_submodule(name).weight
+        assert isinstance(w, torchq.AffineQuantizedTensor) and w.zero_point is not None, name
+        assert torch.equal(w.dequantize(torch.float32).to(ref.dtype), ref), name
+    torchq.save_pretrained(model, tmp_path / "re", "compressed-tensors")
+    back = load_file(str(tmp_path / "re" / "model.safetensors"))
+    for k, v in files.items():
+        if k.rsplit(".", 1)[1].startswith("weight_") and k.rsplit(".", 1)[1] != "weight":
+            assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
