@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from torch import nn

@@ -176,6 +176,8 @@ def save_pretrained(
     ``"awq-gemm"`` / ``"awq-gemv"`` (4-bit weight-only, integer zero point), or
     ``"compressed-tensors"`` (4/8-bit weight-only, W8A8, W4A8). A weight the format cannot hold
     raises a ValueError naming the torchq config that it could hold. Returns ``out_dir``.
+    ``format="torchq"`` goes through transformers' ``save_pretrained`` and marks ``model`` as a
+    torchq-quantized transformers model (:func:`torchq.integrations.transformers.mark_quantized`).
     """
     if format not in FORMAT_NAMES:
         raise ValueError(f"unknown format {format!r}; choose one of {list(FORMAT_NAMES)}")
