@@ -73,8 +73,34 @@ def load_gguf(path, **kwargs):
     return _load_gguf(path, **kwargs)
 
 
+def from_pretrained(path, **kwargs):
+    """A GPTQ / AutoAWQ / compressed-tensors / torchq checkpoint directory or a GGUF file as a
+    transformers model on torchq's kernels (see :mod:`torchq.interop.load`)."""
+    from .interop.load import from_pretrained as _from_pretrained
+
+    return _from_pretrained(path, **kwargs)
+
+
+def save_pretrained(model, out_dir, format="torchq", **kwargs):
+    """Write a torchq-quantized model as torchq, awq-gemm, awq-gemv, gptq or compressed-tensors
+    (see :mod:`torchq.interop.save`)."""
+    from .interop.save import save_pretrained as _save_pretrained
+
+    return _save_pretrained(model, out_dir, format, **kwargs)
+
+
+def save_gguf(model, path, **kwargs):
+    """Write a Llama-family torchq model as a llama.cpp GGUF file (see :mod:`torchq.interop.gguf_export`)."""
+    from .interop.gguf_export import save_gguf as _save_gguf
+
+    return _save_gguf(model, path, **kwargs)
+
+
 __all__ = [
     "quantize_",
+    "save_gguf",
+    "from_pretrained",
+    "save_pretrained",
     "QuantizationReport",
     "LayerReport",
     "explain",

@@ -16,6 +16,8 @@ from typing import Optional, Sequence
 from .schemes_vocab import config_from_scheme, scheme_names
 
 SCHEME_NAMES = tuple(scheme_names())
+#: torchq convert --format (kept in step with torchq.interop.save.FORMAT_NAMES, plus gguf)
+CONVERT_FORMATS = ("torchq", "gptq", "awq-gemm", "awq-gemv", "compressed-tensors", "gguf")
 
 EPILOG = """\
 examples:
@@ -31,6 +33,9 @@ examples:
 
   # prefill / decode speed, peak memory and size, eager and torch.compile
   torchq bench ./smollm2-int4 --compile
+
+  # convert between checkpoint formats (GPTQ, AutoAWQ, compressed-tensors, torchq, GGUF)
+  torchq convert ./smollm2-int4 ./smollm2-gptq --format gptq
 
 schemes (--scheme, exact names): {schemes}
 A model source is a .gguf file, a transformers model directory (config.json + weights),
@@ -126,6 +131,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-decode-seconds", type=float, default=None, help="stop decoding after this many seconds")
     b.add_argument("--compile", action="store_true", help="also benchmark torch.compile(model.forward)")
     _add_common(b)
+
+    c = sub.add_parser(
+        "convert",
+        help="convert a checkpoint between torchq, GPTQ, AutoAWQ, compressed-tensors and GGUF",
+        description="Load SOURCE with torchq.from_pretrained (GPTQ, AutoAWQ gemm/gemv, compressed-tensors or torchq "
+        "directory, or a GGUF file; with --scheme a float model is quantized first) and write it to OUTPUT in "
+        "--format. Codes are carried over as they are (no requantization); a weight the target cannot hold is "
+        "an error naming the torchq config that it could hold.",
+    )
+    c.add_argument("source", help="checkpoint directory or .gguf file")
+    c.add_argument("output", help="directory to write, or a .gguf path for --format gguf")
+    c.add_argument("--format", required=True, choices=CONVERT_FORMATS, help="target format")
+    c.add_argument("--checkpoint-format", default="gptq", choices=("gptq", "gptq_v2"), help="GPTQ zero-point convention (default gptq = v1)")
+    _add_scheme_args(c, required=False, what="Quantize SOURCE with this scheme before writing.")
+    _add_common(c)
     return parser
 
 
@@ -220,7 +240,41 @@ def _bench_prompt() -> str:
     return default_text(4000)
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "bench": cmd_bench}
+def cmd_convert(args) -> int:
+    from .interop.load import from_pretrained, load_tokenizer
+
+    if args.scheme:
+        config_from_scheme(args.scheme, args.group_size)  # fail before loading
+    from .interop.load import detect_source
+
+    kind = detect_source(args.source)
+    if args.scheme and kind not in ("float", "gguf"):
+        raise ValueError(f"{args.source} is already quantized ({kind}); --scheme needs a float model or a GGUF file")
+    t0 = time.perf_counter()
+    if args.scheme and kind == "gguf":  # quantize the dequantized float model, not the file's blocks
+        from .interop.gguf import load_gguf
+
+        model = load_gguf(args.source, dtype=_dtype(args.dtype), keep_quantized=False)
+    else:
+        model = from_pretrained(args.source, dtype=_dtype(args.dtype))
+    tokenizer = load_tokenizer(args.source)
+    print(f"loaded {args.source} in {time.perf_counter() - t0:.1f} s")
+    if args.scheme:
+        _quantize(model, args)
+    t0 = time.perf_counter()
+    if args.format == "gguf":
+        from .interop.gguf_export import save_gguf
+
+        save_gguf(model, args.output, tokenizer=tokenizer)
+    else:
+        from .interop.save import save_pretrained
+
+        save_pretrained(model, args.output, args.format, tokenizer=tokenizer, checkpoint_format=args.checkpoint_format)
+    print(f"wrote {args.output} ({args.format}) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "bench": cmd_bench, "convert": cmd_convert}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
