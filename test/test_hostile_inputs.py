@@ -342,3 +342,49 @@ def test_compile_caches_are_keyed_on_torchq_sources():
     tag = tag_compile_caches()
     assert tag == f"torchq-{source_digest()}" and tag in torch.compiler.config.cache_key_tag
     assert tag_compile_caches() == tag and torch.compiler.config.cache_key_tag.count(tag) == 1
+
+
+# ---------------------------------------------------------------------- foreign checkpoints
+@pytest.fixture(scope="module")
+def gptq_dir(tmp_path_factory):
+    """A tiny Llama exported by torchq in GPTQ format (a directory from_pretrained reads)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1)
+    m = transformers.LlamaForCausalLM(cfg)
+    torchq.quantize_(m, torchq.int4_weight_only(group_size=32), filter_fn=lambda mod, name: name != "lm_head")
+    out = tmp_path_factory.mktemp("gptq") / "m"
+    torchq.save_pretrained(m, str(out), format="gptq")
+    return out
+
+
+@settings(deadline=None, max_examples=20, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_foreign_checkpoint_damage_raises_checkpoint_error(gptq_dir, tmp_path, data):
+    """from_pretrained of a GPTQ directory whose safetensors file was truncated or had its
+    header damaged raises CheckpointError before allocating anything the file cannot hold."""
+    import shutil
+
+    work = tmp_path / "d"
+    if work.exists():
+        shutil.rmtree(work)
+    shutil.copytree(gptq_dir, work)
+    path = next(work.glob("*.safetensors"))
+    blob = path.read_bytes()
+    n = struct.unpack("<Q", blob[:8])[0]
+    kind = data.draw(st.sampled_from(["truncate", "header_len", "offsets", "header_json"]))
+    if kind == "truncate":
+        blob = blob[: data.draw(st.integers(0, len(blob) - 1))]
+    elif kind == "header_len":
+        blob = struct.pack("<Q", data.draw(st.integers(n + 1, 2**62))) + blob[8:]
+    elif kind == "offsets":
+        header = json.loads(blob[8 : 8 + n])
+        name = data.draw(st.sampled_from(sorted(k for k in header if k != "__metadata__")))
+        header[name]["data_offsets"][1] += data.draw(st.integers(1, 2**40))
+        blob = _join(header, blob[8 + n :])
+    else:
+        blob = blob[:8] + b"{" * n + blob[8 + n :]
+    path.write_bytes(blob)
+    with pytest.raises(CheckpointError, match=path.name):
+        torchq.from_pretrained(str(work))

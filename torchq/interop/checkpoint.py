@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
@@ -19,6 +20,7 @@ from typing import Callable, Mapping, Optional
 import torch
 from torch import nn
 
+from ..errors import CheckpointError
 from . import awq, compressed_tensors, gptq
 from .intweight import ACTIVATION_SCHEMES, IntWeight, to_torchq
 
@@ -58,12 +60,8 @@ class LazyTensors:
             raise FileNotFoundError(f"{directory} has no *.safetensors files (only safetensors checkpoints are read)")
         self._where: dict[str, tuple[str, int, dict]] = {}
         for path in files:
-            with open(path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(n))
-            header.pop("__metadata__", None)
-            for name, info in header.items():
-                self._where[name] = (path, 8 + n, info)
+            for name, (base, info) in _safetensors_index(path).items():
+                self._where[name] = (path, base, info)
 
     def names(self) -> set[str]:
         return set(self._where)
@@ -76,16 +74,51 @@ class LazyTensors:
             path, base, info = self._where[name]
         except KeyError:
             raise KeyError(name) from None
-        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, which torchq does not read")
+        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
         start, end = info["data_offsets"]
         buf = torch.empty(end - start, dtype=torch.uint8)
         with open(path, "rb") as f:
             f.seek(base + start)
             if f.readinto(buf.numpy()) != end - start:
-                raise ValueError(f"{path} is truncated: tensor {name} ends past the end of the file")
+                raise CheckpointError("the file ended while reading this tensor (truncated?)", file=path, tensor=name)
         return buf.view(dtype).reshape(info["shape"])
+
+
+def _safetensors_index(path: str) -> dict[str, tuple[int, dict]]:
+    """name -> (data start, header entry) of one safetensors file, every entry checked against
+    the format and the file's size before anything is allocated (CheckpointError otherwise)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise CheckpointError(f"header length {n} does not fit a file of {size} bytes", file=path)
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise CheckpointError(f"the safetensors header is not valid JSON ({e})", file=path) from None
+    if not isinstance(header, dict):
+        raise CheckpointError("the safetensors header is not a JSON object", file=path)
+    header.pop("__metadata__", None)
+    out = {}
+    for name, info in header.items():
+        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
+        shape, offsets = (info.get("shape"), info.get("data_offsets")) if isinstance(info, dict) else (None, None)
+        ok = (
+            dtype is not None
+            and isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+            and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+        )
+        if not ok:
+            raise CheckpointError(f"malformed header entry {info!r} (or a dtype torchq does not read)", file=path, tensor=name)
+        start, end = offsets
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if not 0 <= start <= end <= size - 8 - n or end - start != nbytes:
+            raise CheckpointError(
+                f"data offsets {offsets} do not hold a {info['dtype']} {shape} tensor inside the file", file=path, tensor=name
+            )
+        out[name] = (8 + n, info)
+    return out
 
 
 @dataclass(frozen=True)
