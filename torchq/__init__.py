@@ -36,6 +36,19 @@ from .codebook_configs import (
 )
 from . import codebook_handlers  # noqa: F401  (registers the NF4 / FP4 handlers)
 from .explain import explain
+from .algorithms import (
+    AWQ,
+    AWQConfig,
+    AutoRound,
+    AutoRoundConfig,
+    GPTQ,
+    GPTQConfig,
+    HQQ,
+    HQQConfig,
+    SmoothQuant,
+    SmoothQuantConfig,
+    calibration_data,
+)
 from .handlers import register_handler
 from .api import register_after_quantize as _register_after_quantize
 from .integrations import install_transformers_hook as _install_transformers_hook
@@ -106,4 +119,15 @@ __all__ = [
     "fp4_weight_only",
     "fp4_e2m1",
     "fp4_e2m1_bnb",
+    "calibration_data",
+    "GPTQ",
+    "GPTQConfig",
+    "AWQ",
+    "AWQConfig",
+    "AutoRound",
+    "AutoRoundConfig",
+    "HQQ",
+    "HQQConfig",
+    "SmoothQuant",
+    "SmoothQuantConfig",
 ]
