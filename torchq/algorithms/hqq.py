@@ -46,7 +46,10 @@ def _keep_better(best, cand, grid, wb, p):
 
 
 def hqq_fit(grid: Grid, wb: torch.Tensor, iters: int = 20, p: float = 0.7, beta: float = 10.0, kappa: float = 1.01):
-    """HQQ parameters ``(scale, zero)`` ``(N, G)`` for blocked weights ``(N, G, g)``."""
+    """HQQ parameters ``(scale, zero)`` ``(N, G)`` for blocked weights ``(N, G, g)``.
+
+    The iteration runs on every group at once; the proxy loss picks, per group, among
+    round-to-nearest, the last iterate and (integer zero point) its rounded refit."""
     wb = wb.float()
     s, z = grid.fit(wb)
     best = (s, z, proxy_loss(grid, wb, s, z, p))
@@ -61,24 +64,22 @@ def hqq_fit(grid: Grid, wb: torch.Tensor, iters: int = 20, p: float = 0.7, beta:
             s2 = (qz * (wb - we)).sum(-1) / (qz * qz).sum(-1).clamp_min(1e-12)
             s = torch.where(s2 > 0, s2, s)
             beta *= kappa
-            if grid.domain == "float":
-                best = _keep_better(best, (s, -zf * s), grid, wb, p)
-                continue
-            zi = torch.round(zf).clamp(-128, 127)
-            best = _keep_better(best, (s, zi), grid, wb, p)
-            q = grid.quantize(wb, s, zi) - zi.unsqueeze(-1)
-            s2 = (q * wb).sum(-1) / (q * q).sum(-1).clamp_min(1e-12)
-            best = _keep_better(best, (torch.where(s2 > 0, s2, s), zi), grid, wb, p)
-    else:
-        ones = torch.ones_like(s)
-        for _ in range(iters):
-            v = grid.dequantize(grid.quantize(wb, s, z), ones, z)
-            we = _shrink(wb - v * s.unsqueeze(-1), beta, p)
-            s2 = (v * (wb - we)).sum(-1) / (v * v).sum(-1).clamp_min(1e-12)
-            s = torch.where(s2 > 0, s2, s)
-            beta *= kappa
-            best = _keep_better(best, (s, z), grid, wb, p)
-    return best[0], best[1]
+        if grid.domain == "float":
+            return _keep_better(best, (s, -zf * s), grid, wb, p)[:2]
+        zi = torch.round(zf).clamp(-128, 127)
+        best = _keep_better(best, (s, zi), grid, wb, p)
+        q = grid.quantize(wb, s, zi) - zi.unsqueeze(-1)
+        s2 = (q * wb).sum(-1) / (q * q).sum(-1).clamp_min(1e-12)
+        best = _keep_better(best, (torch.where(s2 > 0, s2, s), zi), grid, wb, p)
+        return best[0], best[1]
+    ones = torch.ones_like(s)
+    for _ in range(iters):
+        v = grid.dequantize(grid.quantize(wb, s, z), ones, z)
+        we = _shrink(wb - v * s.unsqueeze(-1), beta, p)
+        s2 = (v * (wb - we)).sum(-1) / (v * v).sum(-1).clamp_min(1e-12)
+        s = torch.where(s2 > 0, s2, s)
+        beta *= kappa
+    return _keep_better(best, (s, z), grid, wb, p)[:2]
 
 
 def hqq_tensor(weight: torch.Tensor, config: HQQConfig, act_scale=None):
