@@ -123,3 +123,27 @@ def test_mse_clip_does_not_hurt():
     rtn, plain, _ = _layer_error(torchq.GPTQ(torchq.int4_weight_only(group_size=32)))
     _, clipped, _ = _layer_error(torchq.GPTQ(torchq.int4_weight_only(group_size=32), mse_clip=True))
     assert clipped <= rtn and clipped < 1.2 * plain
+
+
+def test_hessians_shared_only_by_linears_reading_the_same_tensor():
+    """q/k/v share one Hessian, gate/up another; o and down have their own, even when an
+    input buffer of the same size is reused for the next input."""
+    from torchq.algorithms.sequential import Block
+    from torchq.algorithms.stats import hessians
+
+    from algorithms_fixtures import tiny_llama
+
+    model, calib, _ = tiny_llama()
+    layer = model.model.layers[0]
+    names = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
+    from torchq.algorithms.sequential import capture_layer_inputs
+
+    block = Block(layer, capture_layer_inputs(model, layer, calib), {n: layer.get_submodule(n) for n in names})
+    hs = hessians(block, names)
+    seen: dict = {}
+    hooks = {n: (lambda name, x: seen.setdefault(name, []).append(x.reshape(-1, x.shape[-1]).float().clone())) for n in names}
+    block.run(hooks, keep=False)
+    for n in names:
+        x = torch.cat(seen[n])
+        torch.testing.assert_close(hs[n], x.t() @ x / x.shape[0], rtol=1e-4, atol=1e-5)
+    assert hs["self_attn.q_proj"] is not hs["self_attn.o_proj"]

@@ -15,26 +15,32 @@ __all__ = ["hessians", "input_stats", "input_samples"]
 
 class _Shared:
     """Calls ``update(slot, x)`` once per distinct input tensor. A linear first seen right
-    after another one on the very same tensor joins that one's slot (q/k/v, gate/up)."""
+    after another one on the very same tensor object joins that one's slot (q/k/v,
+    gate/up). The previous input is held (not just its address: a freed buffer of the same
+    size is often reused for the next layer's input, which must not count as shared)."""
 
     def __init__(self, update: Callable[[int, torch.Tensor], None]):
         self.update = update
         self.key: dict[str, int] = {}
-        self._prev = None
+        self._prev_x: Optional[torch.Tensor] = None
+        self._prev_slot = -1
         self._slots = 0
 
     def __call__(self, name: str, x: torch.Tensor) -> None:
-        sig = (x.data_ptr(), tuple(x.shape), x.stride())
+        same = x is self._prev_x
         if name not in self.key:
-            if self._prev is not None and self._prev[0] == sig:
-                self.key[name] = self._prev[1]
+            if same:
+                self.key[name] = self._prev_slot
             else:
                 self.key[name] = self._slots
                 self._slots += 1
         slot = self.key[name]
-        if self._prev != (sig, slot):
+        if not (same and slot == self._prev_slot):
             self.update(slot, x.reshape(-1, x.shape[-1]))
-        self._prev = (sig, slot)
+        self._prev_x, self._prev_slot = x, slot
+
+    def release(self) -> None:
+        self._prev_x = None
 
 
 def hessians(block, names: list[str], act_scales: Optional[dict] = None) -> dict[str, torch.Tensor]:
@@ -60,6 +66,7 @@ def hessians(block, names: list[str], act_scales: Optional[dict] = None) -> dict
         else:
             hooks[n] = shared
     block.run(hooks, keep=False)
+    shared.release()
     out = {}
     for n in names:
         if n in act_scales:
