@@ -25,7 +25,7 @@ from .stats import input_stats
 
 __all__ = ["search_scale", "search_clip", "round_to_nearest"]
 
-CLIP_SHRINKS = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0 .. 0.5
+CLIP_SHRINKS = tuple(1.0 - 0.05 * i for i in range(11))  # 1.0 .. 0.5 (AutoAWQ: 20 steps; 10 halve the time)
 CLIP_TOKENS = 512
 
 

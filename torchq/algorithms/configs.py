@@ -160,12 +160,13 @@ class HQQConfig(AlgorithmConfig):
 class AWQConfig(AlgorithmConfig):
     """AWQ (Lin et al. 2023): per-input-channel scales ``s = mean|x|^a`` (grid over ``a``
     in ``n_grid`` steps) chosen by the layer output error, folded into the previous op,
-    then a per-group clipping search (``clip``)."""
+    then a per-group clipping search (``clip``). ``max_tokens``: calibration rows sampled
+    per input for both searches (their cost is linear in it)."""
 
     type_name: ClassVar[str] = "awq"
     n_grid: int = 20
     clip: bool = True
-    max_tokens: int = 4096
+    max_tokens: int = 2048
 
     def _check_fields(self) -> None:
         _positive("n_grid", self.n_grid, integer=True)
