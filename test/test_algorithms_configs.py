@@ -172,3 +172,34 @@ def test_hqq_needs_no_data_and_calibration_is_ignored_with_a_warning(caplog):
     with caplog.at_level("WARNING", logger="torchq"):
         torchq.quantize_(toy_mlp(), INT4, calibration=[torch.randn(4, 64)])
     assert "no layer's config uses it" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [torchq.AWQ(torchq.GPTQ(torchq.int4_weight_only(group_size=32), act_order=True)), torchq.HQQ(torchq.nf4_weight_only(block_size=32))],
+    ids=lambda c: c.type_name,
+)
+def test_save_pretrained_records_the_algorithm_and_reloads_bit_exact(cfg, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, calib, held = tiny_llama()
+    torchq.quantize_(model, cfg, calibration=calib if cfg.needs_calibration else None)
+    assert model.config.quantization_config.quant_config == cfg
+    model.save_pretrained(tmp_path / "q")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
+    assert reloaded.config.quantization_config.quant_config == cfg
+    with torch.no_grad():
+        assert torch.equal(reloaded(held).logits, model(held).logits)
+    assert type(reloaded.model.layers[0].mlp.down_proj.weight) is type(model.model.layers[0].mlp.down_proj.weight)
+
+
+def test_torchq_config_quantizes_hqq_while_loading_and_refuses_gptq(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, _, held = tiny_llama()
+    model.save_pretrained(tmp_path / "f")
+    q = AutoModelForCausalLM.from_pretrained(tmp_path / "f", quantization_config=torchq.TorchqConfig(torchq.HQQ(INT4)))
+    assert isinstance(q.model.layers[0].mlp.up_proj.weight, torchq.AffineQuantizedTensor)
+    # transformers reports our "needs calibration data" error per weight, then raises its own
+    with pytest.raises((ValueError, RuntimeError)):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "f", quantization_config=torchq.TorchqConfig(torchq.GPTQ(INT4)))
