@@ -10,7 +10,7 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["hessians", "input_stats", "input_samples"]
+__all__ = ["hessians", "input_stats"]
 
 
 class _Shared:
@@ -108,4 +108,3 @@ def input_stats(block, names: list[str], max_tokens: int = 4096, seed: int = 0) 
     }
 
 
-input_samples = input_stats
