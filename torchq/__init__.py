@@ -10,6 +10,19 @@ Public API::
 
 from . import kernels  # noqa: F401  (registers reference kernels before any tensor is built)
 from .api import LayerReport, QuantizationReport, quantize_
+from .algorithms import (
+    AWQ,
+    AWQConfig,
+    AutoRound,
+    AutoRoundConfig,
+    GPTQ,
+    GPTQConfig,
+    HQQ,
+    HQQConfig,
+    SmoothQuant,
+    SmoothQuantConfig,
+    calibration_data,
+)
 from .configs import (
     Int4WeightOnlyConfig,
     Int8DynamicActivationInt4WeightConfig,
@@ -36,19 +49,6 @@ from .codebook_configs import (
 )
 from . import codebook_handlers  # noqa: F401  (registers the NF4 / FP4 handlers)
 from .explain import explain
-from .algorithms import (
-    AWQ,
-    AWQConfig,
-    AutoRound,
-    AutoRoundConfig,
-    GPTQ,
-    GPTQConfig,
-    HQQ,
-    HQQConfig,
-    SmoothQuant,
-    SmoothQuantConfig,
-    calibration_data,
-)
 from .handlers import register_handler
 from .api import register_after_quantize as _register_after_quantize
 from .integrations import install_transformers_hook as _install_transformers_hook
