@@ -12,6 +12,19 @@ from ._version import __version__
 from ._compile_cache import tag_compile_caches as _tag_compile_caches
 from . import kernels  # noqa: F401  (registers reference kernels before any tensor is built)
 from .api import LayerReport, QuantizationReport, quantize_
+from .algorithms import (
+    AWQ,
+    AWQConfig,
+    AutoRound,
+    AutoRoundConfig,
+    GPTQ,
+    GPTQConfig,
+    HQQ,
+    HQQConfig,
+    SmoothQuant,
+    SmoothQuantConfig,
+    calibration_data,
+)
 from .configs import (
     Int4WeightOnlyConfig,
     Int8DynamicActivationInt4WeightConfig,
@@ -137,4 +150,15 @@ __all__ = [
     "fp4_weight_only",
     "fp4_e2m1",
     "fp4_e2m1_bnb",
+    "calibration_data",
+    "GPTQ",
+    "GPTQConfig",
+    "AWQ",
+    "AWQConfig",
+    "AutoRound",
+    "AutoRoundConfig",
+    "HQQ",
+    "HQQConfig",
+    "SmoothQuant",
+    "SmoothQuantConfig",
 ]

@@ -122,19 +122,31 @@ def quantize_(
     config: Optional[QuantConfig],
     filter_fn: Optional[FilterFn] = None,
     overrides: Optional[Mapping[str, Optional[QuantConfig]]] = None,
+    calibration=None,
 ) -> QuantizationReport:
     """Quantize ``model``'s linear layers in place and return the report.
 
     Raises if a targeted layer is already quantized (quantize other layers in a second call
-    by excluding those with ``filter_fn`` or overrides).
+    by excluding those with ``filter_fn`` or overrides). Layers whose config is a
+    calibration algorithm (``torchq.GPTQ(...)``, ...) are first calibrated on
+    ``calibration`` (:mod:`torchq.algorithms.sequential`).
     """
     overrides = dict(overrides or {})
+    calibrated: dict[str, LayerReport] = {}
+    if calibration is not None or any(getattr(c, "needs_calibration", False) for c in [config, *overrides.values()]):
+        from .algorithms.sequential import calibrate
+
+        calibrated, substitutes = calibrate(model, config, calibration, filter_fn, overrides)
+        overrides.update(substitutes)
     report = QuantizationReport()
     tied = _tied_embeddings(model)
     modules = dict(model.named_modules())
     done: dict[int, nn.Parameter] = {}
     for name, module in modules.items():
         if not isinstance(module, nn.Linear):
+            continue
+        if name in calibrated:
+            report.layers.append(calibrated[name])
             continue
         matched, cfg = _config_for(name, config, overrides)
         if cfg is None:

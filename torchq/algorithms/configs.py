@@ -1,0 +1,250 @@
+"""Algorithm configs: a calibration algorithm wrapping a base (storage) config.
+
+``GPTQ(int4_weight_only(group_size=64))`` says *how to round* (GPTQ) and *what to store*
+(the base config's tensor, kernels and checkpoint format are unchanged). Algorithm configs
+are ordinary versioned :class:`~torchq.configs.QuantConfig` s: registered, frozen, and
+JSON round-tripping with the base config nested as its own dict::
+
+    {"type": "gptq", "version": 1, "base": {"type": "int4_weight_only", ...}, "damp": 0.01, ...}
+
+Which bases each algorithm accepts is the table :data:`VALID_BASES`; any other combination
+raises naming the valid ones. AWQ and SmoothQuant may also wrap a rounding algorithm
+(``AWQ(GPTQ(int4_weight_only()))``: AWQ scales, then GPTQ rounding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
+
+from ..codebook_configs import FP4WeightOnlyConfig, NF4WeightOnlyConfig
+from ..configs import (
+    Int4WeightOnlyConfig,
+    Int8DynamicActivationInt4WeightConfig,
+    Int8DynamicActivationInt8WeightConfig,
+    Int8WeightOnlyConfig,
+    IntxWeightOnlyConfig,
+    QuantConfig,
+    config_from_dict,
+    register_config,
+)
+
+__all__ = [
+    "AlgorithmConfig",
+    "GPTQConfig",
+    "HQQConfig",
+    "AWQConfig",
+    "SmoothQuantConfig",
+    "AutoRoundConfig",
+    "GPTQ",
+    "HQQ",
+    "AWQ",
+    "SmoothQuant",
+    "AutoRound",
+    "VALID_BASES",
+    "storage_config",
+]
+
+_WEIGHT_ONLY = (Int4WeightOnlyConfig, IntxWeightOnlyConfig, Int8WeightOnlyConfig, NF4WeightOnlyConfig, FP4WeightOnlyConfig)
+_ROUNDING = _WEIGHT_ONLY + (Int8DynamicActivationInt4WeightConfig,)
+
+#: algorithm type name -> storage configs it composes with
+VALID_BASES: dict[str, tuple[type, ...]] = {
+    "gptq": _ROUNDING,
+    "hqq": _ROUNDING,
+    "autoround": _ROUNDING,
+    "awq": _WEIGHT_ONLY,
+    "smoothquant": (Int8DynamicActivationInt8WeightConfig, Int8DynamicActivationInt4WeightConfig),
+}
+#: scaling algorithms may wrap these rounding algorithms
+_INNER_ROUNDING = ("gptq", "hqq", "autoround")
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig(QuantConfig):
+    """Base of algorithm configs: ``base`` is the config of the stored tensor."""
+
+    type_name: ClassVar[str] = "algorithm"
+    needs_calibration: ClassVar[bool] = True
+    base: Optional[QuantConfig] = None
+
+    def __post_init__(self) -> None:
+        self._check_version()
+        base = self.base
+        if isinstance(base, dict):  # from JSON
+            base = config_from_dict(base)
+            object.__setattr__(self, "base", base)
+        self._check_base(base)
+        self._check_fields()
+
+    def _check_base(self, base) -> None:
+        valid = VALID_BASES[self.type_name]
+        inner_ok = self.type_name in ("awq", "smoothquant") and isinstance(base, AlgorithmConfig)
+        if inner_ok and base.type_name in _INNER_ROUNDING and isinstance(storage_config(base), valid):
+            return
+        if not isinstance(base, valid) or isinstance(base, AlgorithmConfig):
+            names = ", ".join(sorted(c.type_name for c in valid))
+            extra = f"; or one of {', '.join(_INNER_ROUNDING)} wrapping those" if self.type_name in ("awq", "smoothquant") else ""
+            got = base.type_name if isinstance(base, QuantConfig) else repr(base)
+            raise ValueError(f"{type(self).__name__} cannot wrap {got}: valid base configs are {names}{extra}")
+
+    def _check_fields(self) -> None:
+        """Subclasses validate their own fields."""
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"type": self.type_name}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            d[f.name] = v.to_dict() if isinstance(v, QuantConfig) else v
+        return d
+
+
+def storage_config(config: QuantConfig) -> QuantConfig:
+    """The innermost (storage) config of a possibly nested algorithm config."""
+    while isinstance(config, AlgorithmConfig):
+        config = config.base
+    return config
+
+
+def _positive(name: str, value, integer: bool = False) -> None:
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if not ok or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive {'integer' if integer else 'number'}, got {value!r}")
+
+
+@register_config
+@dataclass(frozen=True)
+class GPTQConfig(AlgorithmConfig):
+    """GPTQ (Frantar et al. 2022): column-by-column rounding with error feedback through
+    the inverse Hessian of the layer inputs. ``damp``: fraction of the mean Hessian
+    diagonal added to it; ``block_size``: columns per lazy batch update; ``act_order``:
+    quantize columns by decreasing Hessian diagonal (stored via ``perm``; affine bases with
+    K a multiple of the group size); ``mse_clip``: search a shrink factor of each group's
+    range by weight MSE instead of plain min/max."""
+
+    type_name: ClassVar[str] = "gptq"
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    mse_clip: bool = False
+
+    def _check_fields(self) -> None:
+        _positive("damp", self.damp)
+        _positive("block_size", self.block_size, integer=True)
+
+
+@register_config
+@dataclass(frozen=True)
+class HQQConfig(AlgorithmConfig):
+    """HQQ (Badri & Shaji 2023): half-quadratic optimisation of zero points (and, for an
+    integer zero point, a least-squares scale refit) against an lp<1 weight error; data-free."""
+
+    type_name: ClassVar[str] = "hqq"
+    needs_calibration: ClassVar[bool] = False
+    iters: int = 20
+    lp_norm: float = 0.7
+    beta: float = 10.0
+    kappa: float = 1.01
+
+    def _check_fields(self) -> None:
+        _positive("iters", self.iters, integer=True)
+        if not 0 < self.lp_norm <= 1:
+            raise ValueError(f"lp_norm must be in (0, 1], got {self.lp_norm!r}")
+        _positive("beta", self.beta)
+        _positive("kappa", self.kappa)
+
+
+@register_config
+@dataclass(frozen=True)
+class AWQConfig(AlgorithmConfig):
+    """AWQ (Lin et al. 2023): per-input-channel scales ``s = mean|x|^a`` (grid over ``a``
+    in ``n_grid`` steps) chosen by the layer output error, folded into the previous op,
+    then a per-group clipping search (``clip``). ``max_tokens``: calibration rows sampled
+    per input for both searches (their cost is linear in it)."""
+
+    type_name: ClassVar[str] = "awq"
+    n_grid: int = 20
+    clip: bool = True
+    max_tokens: int = 2048
+
+    def _check_fields(self) -> None:
+        _positive("n_grid", self.n_grid, integer=True)
+        _positive("max_tokens", self.max_tokens, integer=True)
+
+
+@register_config
+@dataclass(frozen=True)
+class SmoothQuantConfig(AlgorithmConfig):
+    """SmoothQuant (Xiao et al. 2022): migrate activation outliers into the weights with
+    ``s = max|x|^alpha / max|w|^(1 - alpha)`` per input channel, folded into the norms."""
+
+    type_name: ClassVar[str] = "smoothquant"
+    alpha: float = 0.5
+
+    def _check_fields(self) -> None:
+        if not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
+
+
+@register_config
+@dataclass(frozen=True)
+class AutoRoundConfig(AlgorithmConfig):
+    """AutoRound (Cheng et al. 2023): SignSGD on per-weight rounding offsets and per-group
+    min/max clipping factors, minimising each decoder layer's output error. ``lr=None``:
+    ``1 / iters``. ``preset="light"`` is ``iters=50, lr=5e-3``: a few minutes on CPU."""
+
+    type_name: ClassVar[str] = "autoround"
+    iters: int = 200
+    lr: Optional[float] = None
+    batch_size: int = 8
+    seqlen: Optional[int] = None
+    preset: str = "default"
+
+    def _check_fields(self) -> None:
+        _positive("iters", self.iters, integer=True)
+        _positive("batch_size", self.batch_size, integer=True)
+        if self.lr is not None:
+            _positive("lr", self.lr)
+        if self.seqlen is not None:
+            _positive("seqlen", self.seqlen, integer=True)
+        if self.preset not in AUTOROUND_PRESETS:
+            raise ValueError(f"preset must be one of {sorted(AUTOROUND_PRESETS)}, got {self.preset!r}")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else 1.0 / self.iters
+
+
+#: preset -> field values it sets
+AUTOROUND_PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "light": {"iters": 50, "lr": 5e-3},
+}
+
+
+def GPTQ(base: QuantConfig, **kwargs) -> GPTQConfig:
+    return GPTQConfig(base=base, **kwargs)
+
+
+def HQQ(base: QuantConfig, **kwargs) -> HQQConfig:
+    return HQQConfig(base=base, **kwargs)
+
+
+def AWQ(base: QuantConfig, **kwargs) -> AWQConfig:
+    return AWQConfig(base=base, **kwargs)
+
+
+def SmoothQuant(base: QuantConfig, alpha: float = 0.5, **kwargs) -> SmoothQuantConfig:
+    return SmoothQuantConfig(base=base, alpha=alpha, **kwargs)
+
+
+def AutoRound(base: QuantConfig, iters: Optional[int] = None, preset: str = "default", **kwargs) -> AutoRoundConfig:
+    """``AutoRound(base, iters=200)``; ``preset="light"`` fills unset fields from the preset."""
+    if preset not in AUTOROUND_PRESETS:
+        raise ValueError(f"preset must be one of {sorted(AUTOROUND_PRESETS)}, got {preset!r}")
+    values = dict(AUTOROUND_PRESETS[preset])
+    values.update(kwargs)
+    if iters is not None:
+        values["iters"] = iters
+    return AutoRoundConfig(base=base, preset=preset, **values)

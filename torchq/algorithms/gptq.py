@@ -1,0 +1,150 @@
+"""GPTQ (Frantar et al., 2022): round one column at a time and push each column's
+rounding error onto the columns not yet rounded, weighted by the inverse Hessian
+``H = E[x x^T]`` of the layer's inputs, so the layer *output* error stays small.
+
+* damping: ``damp`` x mean(diag H) added to the diagonal; a failed Cholesky raises the
+  damping tenfold (with a warning) up to 5 times;
+* columns in blocks of ``block_size`` with lazy batch updates of the columns after a block;
+* group parameters fitted when the first column of a group is reached (from the
+  error-updated weights), optionally by an MSE search over range shrink factors;
+* act-order: columns by decreasing ``diag H``, stored through the tensor's ``perm`` so
+  groups are contiguous in the permuted order (affine bases with K a multiple of the
+  group size; elsewhere it is turned off and the report says so);
+* codebook bases (NF4 / FP4) round each column to the nearest table value x block scale.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+
+from .grid import Grid, grid_for
+from .configs import storage_config
+from .sequential import register_algorithm
+from .stats import hessians
+
+__all__ = ["gptq_quantize", "fit_mse"]
+
+MSE_SHRINKS = tuple(1.0 - 0.05 * i for i in range(6))  # 1.00 .. 0.75
+
+
+def fit_mse(grid: Grid, wb: torch.Tensor, shrinks=MSE_SHRINKS):
+    """Group parameters minimising the weight MSE over range ``shrinks`` (per row, group)."""
+    best_s, best_z, best_err = None, None, None
+    for f in shrinks:
+        s, z = grid.fit(wb, f)
+        err = (grid.fake(wb, s, z) - wb).pow(2).sum(-1)
+        if best_err is None:
+            best_s, best_z, best_err = s, z, err
+            continue
+        better = err < best_err
+        best_s = torch.where(better, s, best_s)
+        best_z = None if z is None else torch.where(better, z, best_z)
+        best_err = torch.minimum(err, best_err)
+    return best_s, best_z
+
+
+def _inverse_cholesky(h: torch.Tensor, damp: float, name: str = "") -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp * mean(diag) I)^-1``, raising the damping on failure."""
+    mean_diag = float(torch.diag(h).mean())
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    d = damp
+    for attempt in range(6):
+        try:
+            lower = torch.linalg.cholesky(h + d * mean_diag * eye)
+            hinv = torch.cholesky_inverse(lower)
+            return torch.linalg.cholesky(hinv, upper=True)
+        except torch.linalg.LinAlgError:
+            if attempt == 5:
+                raise
+            warnings.warn(f"GPTQ {name}: Hessian not positive definite with damp={d:g}; retrying with damp={d * 10:g}")
+            d *= 10
+    raise AssertionError("unreachable")
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    h: torch.Tensor,
+    grid: Grid,
+    *,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    mse_clip: bool = False,
+    name: str = "",
+):
+    """GPTQ-round ``weight`` ``(N, K)`` (already multiplied by any act_scale) given its
+    input Hessian ``h`` ``(K, K)``. Returns ``(codes, scale, zero, perm)`` in stored order."""
+    w = grid.pad(weight.detach().float()).clone()
+    n, kp = w.shape
+    k = weight.shape[1]
+    hp = torch.zeros(kp, kp)
+    hp[:k, :k] = h.float()
+    dead = torch.diag(hp) == 0
+    hp[dead, dead] = 1.0
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(hp)[:k], descending=True, stable=True)
+        w, hp = w[:, perm], hp[perm][:, perm]
+    u = _inverse_cholesky(hp, damp, name)
+    g = grid.group
+    codes = torch.zeros(n, kp)
+    scale = torch.zeros(n, kp // g)
+    zero = None
+    for i1 in range(0, kp, block_size):
+        i2 = min(i1 + block_size, kp)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % g == 0:
+                gw = torch.cat([w1[:, i:], w[:, i2 : col + g]], dim=1)[:, :g] if col + g > i2 else w1[:, i : i + g]
+                gb = gw.reshape(n, 1, -1)
+                s, z = fit_mse(grid, gb) if mse_clip else grid.fit(gb)
+                scale[:, col // g] = s[:, 0]
+                if z is not None:
+                    if zero is None:
+                        zero = torch.zeros(n, kp // g)
+                    zero[:, col // g] = z[:, 0]
+                cur_s, cur_z = s, z
+            x = w1[:, i].reshape(n, 1, 1)
+            q = grid.quantize(x, cur_s, cur_z)
+            dq = grid.dequantize(q, cur_s, cur_z).reshape(n)
+            codes[:, col] = q.reshape(n)
+            e = (w1[:, i] - dq) / u1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    return codes, scale, zero, perm
+
+
+@register_algorithm("gptq")
+def _process(block, names, config, act_scales):
+    """GPTQ every named linear of ``block`` from the Hessian of its (act_scale-divided) inputs."""
+    base = storage_config(config)
+    hs = hessians(block, names, act_scales)
+    out = {}
+    for name in names:
+        lin = block.linears[name]
+        a = act_scales.get(name)
+        w = lin.weight.detach().float()
+        if a is not None:
+            w = w * a
+        grid = grid_for(base, w.shape)
+        notes = [grid.note] if grid.note else []
+        act_order = config.act_order
+        if act_order and (not grid.supports_input_transform or grid.padded != grid.k):
+            act_order = False
+            notes.append("act_order off (" + ("codebook weight" if not grid.supports_input_transform else "K padded") + ")")
+        with torch.no_grad():
+            codes, s, z, perm = gptq_quantize(
+                w, hs[name], grid, damp=config.damp, block_size=config.block_size, act_order=act_order,
+                mse_clip=config.mse_clip, name=block.full_name(name),
+            )
+            t = grid.build(codes, s, z, lin.weight.dtype, act_scale=a, perm=perm)
+        notes.append("gptq" + (" act_order" if perm is not None else ""))
+        out[name] = (t, "; ".join(notes))
+    return out

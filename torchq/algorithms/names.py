@@ -1,0 +1,29 @@
+"""Short algorithm names (the CLI's ``--algo``): name -> factory(storage config) -> config."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from ..configs import QuantConfig
+from .configs import AWQ, GPTQ, HQQ, AutoRound, SmoothQuant
+
+__all__ = ["ALGORITHM_NAMES", "with_algorithm"]
+
+ALGORITHM_NAMES: dict[str, Callable[[QuantConfig], QuantConfig]] = {
+    "rtn": lambda base: base,
+    "gptq": GPTQ,
+    "gptq-act-order": lambda base: GPTQ(base, act_order=True),
+    "awq": AWQ,
+    "awq+gptq": lambda base: AWQ(GPTQ(base)),
+    "hqq": HQQ,
+    "autoround": AutoRound,
+    "autoround-light": lambda base: AutoRound(base, preset="light"),
+    "smoothquant": SmoothQuant,
+}
+
+
+def with_algorithm(name: str, base: QuantConfig) -> QuantConfig:
+    """``base`` wrapped in algorithm ``name`` (invalid pairs raise naming the valid bases)."""
+    if name not in ALGORITHM_NAMES:
+        raise ValueError(f"unknown algorithm {name!r}; valid: {', '.join(ALGORITHM_NAMES)}")
+    return ALGORITHM_NAMES[name](base)

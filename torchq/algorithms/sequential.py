@@ -1,0 +1,237 @@
+"""The calibration driver: one decoder layer at a time, quantized outputs feed the next.
+
+For a transformers causal LM whose decoder layers are an ``nn.ModuleList`` at
+``model.model.layers`` (Llama, SmolLM2, Qwen2, Mistral, Phi-3): the first layer's inputs
+are captured by a forward pre-hook that raises to stop the model there; then for each
+layer the algorithm sees a :class:`Block` (the layer, its calibration inputs, its target
+linears), quantizes them in place, and the quantized layer's outputs become the next
+layer's inputs. Only one layer's activations are held at a time. Runs are under
+``torch.inference_mode``; algorithms that need gradients (AutoRound) clone what they use.
+
+Any other ``nn.Module`` that is not a transformers model is calibrated as one block: each
+target ``Linear`` from the inputs it sees when the whole module runs on the calibration
+items (cheap toy models for tests). A transformers model without ``model.model.layers``
+gets a clear error.
+
+Linears outside the decoder layers (an LM head) see no calibration inputs here: they are
+rounded to nearest on the storage config, with a warning.
+
+Algorithms register per config type name (:func:`register_algorithm`):
+``process(block, names, config, act_scales) -> {local_name: (tensor, note)}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional
+
+import torch
+from torch import nn
+
+from ..configs import QuantConfig
+from .configs import AlgorithmConfig, storage_config
+from .data import as_model_inputs, check_calibration
+
+__all__ = ["Block", "calibrate", "register_algorithm", "decoder_layers", "capture_layer_inputs", "process_block"]
+
+logger = logging.getLogger("torchq")
+
+Process = Callable[["Block", list, AlgorithmConfig, dict], dict]
+_ALGORITHMS: dict[str, Process] = {}
+
+
+def register_algorithm(type_name: str) -> Callable[[Process], Process]:
+    def deco(fn: Process) -> Process:
+        _ALGORITHMS[type_name] = fn
+        return fn
+
+    return deco
+
+
+def get_algorithm(config: AlgorithmConfig) -> Process:
+    from . import autoround, awq, gptq, hqq, smoothquant  # noqa: F401  (register)
+
+    try:
+        return _ALGORITHMS[config.type_name]
+    except KeyError:
+        raise TypeError(f"no calibration algorithm registered for {config.type_name!r}; known: {sorted(_ALGORITHMS)}") from None
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@dataclass
+class Block:
+    """A module to calibrate: ``inputs`` are its ``(args, kwargs)`` per calibration item,
+    ``linears`` its target linears by name relative to it, ``prefix`` its name in the model."""
+
+    module: nn.Module
+    inputs: list
+    linears: dict[str, nn.Linear]
+    prefix: str = ""
+    sequential: bool = True  # outputs feed a next block (decoder layers)
+    meta: dict = field(default_factory=dict)
+
+    def full_name(self, local: str) -> str:
+        return f"{self.prefix}.{local}" if self.prefix else local
+
+    def run(self, hooks: Optional[Mapping[str, Callable[[str, torch.Tensor], None]]] = None, keep: bool = True):
+        """Run the module on every input; ``hooks[name](name, x)`` sees each target linear's
+        input. Returns the outputs (first element of tuple outputs) if ``keep``."""
+        handles = []
+        for name, fn in (hooks or {}).items():
+            handles.append(self.linears[name].register_forward_pre_hook(lambda m, a, _n=name, _f=fn: _f(_n, a[0])))
+        outs = []
+        try:
+            with torch.inference_mode():
+                for args, kwargs in self.inputs:
+                    out = _first(self.module(*args, **kwargs))
+                    if keep:
+                        outs.append(out)
+        finally:
+            for h in handles:
+                h.remove()
+        return outs
+
+
+class _Stop(Exception):
+    pass
+
+
+def decoder_layers(model: nn.Module) -> Optional[tuple[str, nn.ModuleList]]:
+    """``("model.layers", layers)`` for a transformers causal LM, None for a plain module."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if isinstance(layers, nn.ModuleList) and len(layers):
+        return "model.layers", layers
+    modeling_utils = sys.modules.get("transformers.modeling_utils")
+    if modeling_utils is not None and isinstance(model, modeling_utils.PreTrainedModel):
+        raise ValueError(
+            f"{type(model).__name__}: calibration needs the decoder layers as an nn.ModuleList at model.model.layers "
+            "(Llama, Qwen2, Mistral, Phi-3, SmolLM2 ...); this model has none. Use a data-free config (HQQ or "
+            "round-to-nearest) or calibrate a supported architecture"
+        )
+    return None
+
+
+def capture_layer_inputs(model: nn.Module, layer: nn.Module, items: list) -> list:
+    """``(args, kwargs)`` of ``layer`` for each calibration item (the model stops there)."""
+    captured: list = []
+
+    def hook(module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _Stop
+
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            for item in items:
+                args, kwargs = as_model_inputs(item)
+                kwargs.setdefault("use_cache", False)
+                try:
+                    model(*args, **kwargs)
+                except _Stop:
+                    continue
+                raise RuntimeError("the model finished without reaching its first decoder layer")
+    finally:
+        handle.remove()
+    return captured
+
+
+def _targets(model, config, filter_fn, overrides) -> dict[str, AlgorithmConfig]:
+    """Linear name -> calibration-needing algorithm config (after overrides and filter_fn)."""
+    from ..api import _config_for
+
+    out = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        _, cfg = _config_for(name, config, overrides)
+        if not isinstance(cfg, AlgorithmConfig) or not cfg.needs_calibration:
+            continue
+        if filter_fn is not None and not filter_fn(mod, name):
+            continue
+        out[name] = cfg
+    return out
+
+
+def process_block(block: Block, configs: Mapping[str, AlgorithmConfig]) -> dict[str, tuple[torch.Tensor, str]]:
+    """Quantize the block's targets (grouped by config) and set their weights in place."""
+    results: dict[str, tuple[torch.Tensor, str]] = {}
+    by_config: dict[AlgorithmConfig, list[str]] = {}
+    for local in block.linears:
+        by_config.setdefault(configs[block.full_name(local)], []).append(local)
+    for cfg, names in by_config.items():
+        results.update(get_algorithm(cfg)(block, names, cfg, {}))
+    for local, (qweight, _) in results.items():
+        block.linears[local].weight = nn.Parameter(qweight, requires_grad=False)
+    return results
+
+
+def _progress(iterable, total: int, desc: str):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, leave=False)
+
+
+def calibrate(
+    model: nn.Module,
+    config: Optional[QuantConfig],
+    calibration,
+    filter_fn=None,
+    overrides: Optional[Mapping[str, Optional[QuantConfig]]] = None,
+):
+    """Quantize every linear whose config is a calibration algorithm.
+
+    Returns ``(reports, substitutes)``: :class:`~torchq.api.LayerReport` per calibrated
+    linear, and ``{name: storage config}`` for targets outside the decoder layers, which
+    :func:`torchq.quantize_` then rounds to nearest like any other layer.
+    """
+    from ..api import LayerReport
+
+    targets = _targets(model, config, filter_fn, dict(overrides or {}))
+    if not targets:
+        if calibration is not None:
+            logger.warning("torchq: calibration data given but no layer's config uses it; ignored")
+        return {}, {}
+    items = check_calibration(calibration)
+    found = decoder_layers(model)
+    reports: dict[str, LayerReport] = {}
+
+    def record(block: Block, results) -> None:
+        for local, (_, note) in results.items():
+            name = block.full_name(local)
+            status = "padded" if "padded" in note else "quantized"
+            reports[name] = LayerReport(name, status, targets[name].type_name, note)
+
+    if found is None:
+        linears = {n: m for n, m in model.named_modules() if n in targets}
+        block = Block(model, [as_model_inputs(s) for s in items], linears, "", sequential=False)
+        record(block, process_block(block, targets))
+        return reports, {}
+
+    prefix, layers = found
+    inputs = capture_layer_inputs(model, layers[0], items)
+    for i, layer in _progress(enumerate(layers), len(layers), "torchq calibration"):
+        lp = f"{prefix}.{i}"
+        linears = {n: m for n, m in layer.named_modules() if f"{lp}.{n}" in targets}
+        block = Block(layer, inputs, linears, lp, meta={"model": model, "index": i})
+        if linears:
+            record(block, process_block(block, targets))
+        if i + 1 < len(layers):
+            outs = block.run()
+            inputs = [((out,) + tuple(args[1:]), kwargs) for out, (args, kwargs) in zip(outs, inputs)]
+        logger.debug("torchq: calibrated %s", lp)
+    del inputs
+    substitutes = {n: storage_config(c) for n, c in targets.items() if n not in reports}
+    for name in substitutes:
+        logger.warning(
+            "torchq: %s is outside the decoder layers: no calibration inputs reach it there; rounded to nearest "
+            "(%s)", name, substitutes[name].type_name,
+        )
+    return reports, substitutes
