@@ -16,71 +16,21 @@ an override of ``None`` to keep both in float.
 from __future__ import annotations
 
 import logging
-import re
-from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
 from .configs import QuantConfig
+from .layer_plan import LayerReport, QuantizationReport, config_for
 from .handlers import get_handler
 from .tensors.base import TorchqTensor
 
-__all__ = ["quantize_", "QuantizationReport", "LayerReport"]
+__all__ = ["quantize_", "QuantizationReport", "LayerReport"]  # the report classes live in layer_plan
 
 logger = logging.getLogger("torchq")
 
 FilterFn = Callable[[nn.Module, str], bool]
-
-
-@dataclass
-class LayerReport:
-    name: str
-    status: str  # quantized | padded | tied | skipped
-    config: str
-    note: str = ""
-
-
-@dataclass
-class QuantizationReport:
-    layers: list[LayerReport] = field(default_factory=list)
-
-    def count(self, status: str) -> int:
-        return sum(1 for layer in self.layers if layer.status == status)
-
-    @property
-    def quantized(self) -> list[str]:
-        return [layer.name for layer in self.layers if layer.status != "skipped"]
-
-    @property
-    def skipped(self) -> list[str]:
-        return [layer.name for layer in self.layers if layer.status == "skipped"]
-
-    def summary(self) -> str:
-        return (
-            f"torchq.quantize_: {len(self.layers)} linear layers: {self.count('quantized')} quantized, "
-            f"{self.count('padded')} padded, {self.count('tied')} tied, {self.count('skipped')} skipped"
-        )
-
-    def __str__(self) -> str:
-        lines = [self.summary()]
-        for layer in self.layers:
-            note = f"  ({layer.note})" if layer.note else ""
-            lines.append(f"  {layer.status:<9} {layer.name}  [{layer.config}]{note}")
-        return "\n".join(lines)
-
-
-def _config_for(
-    name: str, config: Optional[QuantConfig], overrides: Mapping[str, Optional[QuantConfig]]
-) -> tuple[bool, Optional[QuantConfig]]:
-    """(matched_override, config) for a module name."""
-    if name in overrides:
-        return True, overrides[name]
-    for pattern, cfg in overrides.items():
-        if re.fullmatch(pattern, name):
-            return True, cfg
-    return False, config
 
 
 def _tied_embeddings(model: nn.Module) -> dict[int, str]:
@@ -148,7 +98,7 @@ def quantize_(
         if name in calibrated:
             report.layers.append(calibrated[name])
             continue
-        matched, cfg = _config_for(name, config, overrides)
+        matched, cfg = config_for(name, config, overrides)
         if cfg is None:
             report.layers.append(LayerReport(name, "skipped", "-", "override None" if matched else "no config"))
             continue

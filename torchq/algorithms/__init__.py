@@ -20,6 +20,7 @@ from .configs import (
     VALID_BASES,
 )
 from .data import calibration_data
+from . import autoround, awq, gptq, hqq, smoothquant  # noqa: F401  (register the algorithms)
 from . import handlers  # noqa: F401  (registers handlers for the algorithm configs)
 
 __all__ = [

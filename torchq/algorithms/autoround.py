@@ -21,7 +21,7 @@ from torch.func import functional_call
 
 from .configs import AlgorithmConfig, storage_config
 from .grid import AffineGrid, CodebookGrid, Grid, grid_for
-from .sequential import register_algorithm
+from .registry import register_algorithm
 
 __all__ = ["RoundingParams", "autoround_block"]
 

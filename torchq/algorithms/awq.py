@@ -20,7 +20,7 @@ import torch
 from .configs import AlgorithmConfig, storage_config
 from .folding import fold_scales, scale_groups
 from .grid import grid_for
-from .sequential import get_algorithm, register_algorithm
+from .registry import get_algorithm, register_algorithm
 from .stats import input_stats
 
 __all__ = ["search_scale", "search_clip", "round_to_nearest"]

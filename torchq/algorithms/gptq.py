@@ -22,7 +22,7 @@ import torch
 
 from .grid import Grid, grid_for
 from .configs import storage_config
-from .sequential import register_algorithm
+from .registry import register_algorithm
 from .stats import hessians
 
 __all__ = ["gptq_quantize", "fit_mse"]

@@ -18,7 +18,7 @@ import torch
 from ..handlers import register_handler
 from .configs import HQQConfig, storage_config
 from .grid import AffineGrid, Grid, grid_for
-from .sequential import register_algorithm
+from .registry import register_algorithm
 
 __all__ = ["hqq_fit", "proxy_loss", "hqq_tensor"]
 

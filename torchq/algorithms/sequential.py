@@ -33,31 +33,11 @@ from torch import nn
 from ..configs import QuantConfig
 from .configs import AlgorithmConfig, storage_config
 from .data import as_model_inputs, check_calibration
+from .registry import get_algorithm
 
-__all__ = ["Block", "calibrate", "register_algorithm", "decoder_layers", "capture_layer_inputs", "process_block"]
+__all__ = ["Block", "calibrate", "decoder_layers", "capture_layer_inputs", "process_block"]
 
 logger = logging.getLogger("torchq")
-
-Process = Callable[["Block", list, AlgorithmConfig, dict], dict]
-_ALGORITHMS: dict[str, Process] = {}
-
-
-def register_algorithm(type_name: str) -> Callable[[Process], Process]:
-    def deco(fn: Process) -> Process:
-        _ALGORITHMS[type_name] = fn
-        return fn
-
-    return deco
-
-
-def get_algorithm(config: AlgorithmConfig) -> Process:
-    from . import autoround, awq, gptq, hqq, smoothquant  # noqa: F401  (register)
-
-    try:
-        return _ALGORITHMS[config.type_name]
-    except KeyError:
-        raise TypeError(f"no calibration algorithm registered for {config.type_name!r}; known: {sorted(_ALGORITHMS)}") from None
-
 
 def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
@@ -143,13 +123,13 @@ def capture_layer_inputs(model: nn.Module, layer: nn.Module, items: list) -> lis
 
 def _targets(model, config, filter_fn, overrides) -> dict[str, AlgorithmConfig]:
     """Linear name -> calibration-needing algorithm config (after overrides and filter_fn)."""
-    from ..api import _config_for
+    from ..layer_plan import config_for
 
     out = {}
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear):
             continue
-        _, cfg = _config_for(name, config, overrides)
+        _, cfg = config_for(name, config, overrides)
         if not isinstance(cfg, AlgorithmConfig) or not cfg.needs_calibration:
             continue
         if filter_fn is not None and not filter_fn(mod, name):
@@ -188,11 +168,11 @@ def calibrate(
 ):
     """Quantize every linear whose config is a calibration algorithm.
 
-    Returns ``(reports, substitutes)``: :class:`~torchq.api.LayerReport` per calibrated
+    Returns ``(reports, substitutes)``: :class:`~torchq.layer_plan.LayerReport` per calibrated
     linear, and ``{name: storage config}`` for targets outside the decoder layers, which
     :func:`torchq.quantize_` then rounds to nearest like any other layer.
     """
-    from ..api import LayerReport
+    from ..layer_plan import LayerReport
 
     targets = _targets(model, config, filter_fn, dict(overrides or {}))
     if not targets:

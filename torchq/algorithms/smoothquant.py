@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .awq import scale_then_round
-from .sequential import register_algorithm
+from .registry import register_algorithm
 
 __all__ = ["smooth_scale"]
 

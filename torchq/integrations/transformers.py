@@ -47,7 +47,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import should_convert_module
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..api import LayerReport, QuantizationReport, _config_for
+from ..layer_plan import LayerReport, QuantizationReport, config_for
 from ..configs import QuantConfig, config_from_dict
 from ..memory import release_file_pages, release_free_memory
 from ..row_chunks import quantize_in_row_chunks
@@ -130,7 +130,7 @@ class TorchqConfig(QuantizationConfigMixin):
         """The config that module ``module_name`` gets (None: kept in float)."""
         if not should_convert_module(module_name, self.modules_to_not_convert):
             return None
-        return _config_for(module_name, self.quant_config, self.overrides)[1]
+        return config_for(module_name, self.quant_config, self.overrides)[1]
 
     def to_dict(self) -> dict[str, Any]:
         return {
