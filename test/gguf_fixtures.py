@@ -9,6 +9,7 @@ token). Weights are random; gguf-py's ports of llama.cpp's quantizers write them
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 HIDDEN, HEADS, KV_HEADS, FFN, VOCAB, LAYERS = 64, 4, 2, 128, 258, 2
 
@@ -91,3 +92,11 @@ def _add_tokenizer(w) -> None:
     w.add_token_merges(["\u0120 t"])
     w.add_bos_token_id(VOCAB - 1)
     w.add_eos_token_id(VOCAB - 1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    """Path of a tiny llama GGUF written for the module (import this fixture by name)."""
+    path = str(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+    write_tiny_llama(path)
+    return path

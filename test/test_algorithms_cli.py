@@ -15,14 +15,7 @@ from torchq import cli  # noqa: E402
 from torchq.configs import config_from_dict  # noqa: E402
 from torchq.model_io import load_model  # noqa: E402
 
-from gguf_fixtures import write_tiny_llama  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
-    write_tiny_llama(path)
-    return path
+from gguf_fixtures import tiny  # noqa: E402,F401  (fixture)
 
 
 def test_quantize_with_gptq_writes_a_checkpoint_that_reloads(tiny, tmp_path, capsys):

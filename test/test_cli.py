@@ -18,16 +18,9 @@ from torchq.schemes_vocab import config_from_scheme, scheme_names  # noqa: E402
 SCHEME_NAMES = tuple(scheme_names())
 from torchq.model_io import is_torchq_dir, load_model, model_size_bytes  # noqa: E402
 
-from gguf_fixtures import write_tiny_llama  # noqa: E402
+from gguf_fixtures import tiny  # noqa: E402,F401  (fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
-    write_tiny_llama(path)
-    return path
 
 
 def _ids():

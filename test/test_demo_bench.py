@@ -16,14 +16,7 @@ from torchq import bench as tbench  # noqa: E402
 from torchq import demo  # noqa: E402
 from torchq.model_io import load_model, model_size_bytes  # noqa: E402
 
-from gguf_fixtures import write_tiny_llama  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
-    write_tiny_llama(path)
-    return path
+from gguf_fixtures import tiny  # noqa: E402,F401  (fixture)
 
 
 def test_bench_counts_tokens_and_respects_budgets(tiny):
