@@ -388,3 +388,13 @@ def test_foreign_checkpoint_damage_raises_checkpoint_error(gptq_dir, tmp_path, d
     path.write_bytes(blob)
     with pytest.raises(CheckpointError, match=path.name):
         torchq.from_pretrained(str(work))
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    """The temporary file of an atomic save is created like open() would (umask applies)."""
+    old = os.umask(0o022)
+    try:
+        torchq.save_file(model("int8").state_dict(), str(tmp_path / "m.safetensors"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o644

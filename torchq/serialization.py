@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 import zlib
 from typing import Any, Callable, Mapping, Optional
 
@@ -260,10 +260,12 @@ def atomic_write(filename: str, write: Callable[[str], None]) -> None:
     renamed over ``filename``: a failure (full disk, killed process) never leaves a partial
     file under the real name, and the previous file stays intact until the rename."""
     folder = os.path.dirname(os.path.abspath(filename))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(filename)}.", suffix=".tmp", dir=folder)
-    os.close(fd)
+    tmp = os.path.join(folder, f".{os.path.basename(filename)}.{uuid.uuid4().hex}.tmp")
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the umask applies, as for open()
     try:
         write(tmp)
+        # the permissions open() would give (safetensors creates its files 0600), or the old file's
+        os.chmod(tmp, os.stat(filename).st_mode & 0o7777 if os.path.exists(filename) else 0o666 & ~_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, filename)
@@ -273,6 +275,20 @@ def atomic_write(filename: str, write: Callable[[str], None]) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux reports it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def load_file(filename: str, device: str = "cpu") -> dict[str, torch.Tensor]:
