@@ -42,6 +42,8 @@ from .configs import (
     register_config,
 )
 from .codebook_configs import (
+    Codebook4WeightOnlyConfig,
+    codebook4_weight_only,
     FP4WeightOnlyConfig,
     NF4WeightOnlyConfig,
     fp4_e2m1,
@@ -57,6 +59,7 @@ from .integrations import install_transformers_hook as _install_transformers_hoo
 from .integrations import mark_transformers_model as _mark_transformers_model
 from .schemes_vocab import config_from_scheme, register_scheme, scheme_names
 from .errors import CheckpointError
+from .primitives.codebook import register_codebook
 from .serialization import load_file, save_file
 from .tensors import AffineQuantizedTensor, Codebook4Tensor, TorchqTensor
 
@@ -150,6 +153,9 @@ __all__ = [
     "fp4_weight_only",
     "fp4_e2m1",
     "fp4_e2m1_bnb",
+    "Codebook4WeightOnlyConfig",
+    "codebook4_weight_only",
+    "register_codebook",
     "calibration_data",
     "GPTQ",
     "GPTQConfig",

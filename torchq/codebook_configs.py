@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .configs import PAD_POLICIES, QuantConfig, register_config
-from .primitives.codebook import BLOCK_SIZES
+from .primitives.codebook import BLOCK_SIZES, CODEBOOK_FORMATS
 
 __all__ = [
     "NF4WeightOnlyConfig",
@@ -30,6 +30,8 @@ __all__ = [
     "fp4_weight_only",
     "fp4_e2m1",
     "fp4_e2m1_bnb",
+    "Codebook4WeightOnlyConfig",
+    "codebook4_weight_only",
 ]
 
 #: accepted spelling -> stored variant
@@ -128,3 +130,34 @@ def _register_schemes() -> None:
 
 
 _register_schemes()
+
+
+@register_config
+@dataclass(frozen=True)
+class Codebook4WeightOnlyConfig(QuantConfig):
+    """Any registered 16-entry 4-bit codebook (:func:`torchq.register_codebook`; also
+    ``"nf4"``, ``"fp4_e2m1"``, ``"fp4_e2m1_bnb"``), float activations."""
+
+    type_name: ClassVar[str] = "codebook4_weight_only"
+    codebook: str = "nf4"
+    block_size: int = 64
+    double_quant: bool = False
+    pad_policy: str = "pad"
+
+    def __post_init__(self) -> None:
+        if self.codebook not in CODEBOOK_FORMATS:
+            raise ValueError(
+                f"unknown codebook {self.codebook!r}; registered: {sorted(CODEBOOK_FORMATS)} "
+                "(add one with torchq.register_codebook(name, values))"
+            )
+        _check_common(self)
+
+    @property
+    def scheme(self) -> str:
+        return self.codebook
+
+
+def codebook4_weight_only(
+    codebook: str, block_size: int = 64, double_quant: bool = False, pad_policy: str = "pad"
+) -> Codebook4WeightOnlyConfig:
+    return Codebook4WeightOnlyConfig(codebook=codebook, block_size=block_size, double_quant=double_quant, pad_policy=pad_policy)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .codebook_configs import FP4WeightOnlyConfig, NF4WeightOnlyConfig
+from .codebook_configs import Codebook4WeightOnlyConfig, FP4WeightOnlyConfig, NF4WeightOnlyConfig
 from .handlers import register_handler, resolve_group
 from .tensors.codebook4 import Codebook4Tensor
 
@@ -10,6 +10,7 @@ __all__ = []
 
 
 @register_handler(NF4WeightOnlyConfig)
+@register_handler(Codebook4WeightOnlyConfig)
 @register_handler(FP4WeightOnlyConfig)
 def _codebook4(weight, config):
     block, note = resolve_group(weight.shape[1], config.block_size, config.pad_policy)

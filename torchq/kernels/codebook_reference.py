@@ -1,25 +1,27 @@
 """Reference linear kernels for the 4-bit codebook schemes (``nf4``, ``fp4_e2m1``,
-``fp4_e2m1_bnb``): ``y = x @ dequantize(W)^T + bias`` in fp32, cast to ``x.dtype``
+``fp4_e2m1_bnb`` and any :func:`~torchq.primitives.codebook.register_codebook` format): ``y = x @ dequantize(W)^T + bias`` in fp32, cast to ``x.dtype``
 (:func:`torchq.kernels.reference.weight_only_reference`). Fast kernels for these schemes
 are tested against it."""
 
 from __future__ import annotations
 
-from ..primitives.codebook import CODEBOOK_FORMATS
+from ..primitives.codebook import on_codebook_registered
 from .reference import weight_only_reference
 from .registry import LinearKernel, register_kernel
 
-__all__ = ["CODEBOOK_SCHEMES"]
+__all__: list[str] = []
 
-CODEBOOK_SCHEMES = tuple(sorted(CODEBOOK_FORMATS))
 
-for _scheme in CODEBOOK_SCHEMES:
+def _register(scheme: str) -> None:
     register_kernel(
         LinearKernel(
-            name=f"reference.{_scheme}",
-            scheme=_scheme,
+            name=f"reference.{scheme}",
+            scheme=scheme,
             layout="codebook4_packed",
             linear=weight_only_reference,
             numerics="fp32 table lookup dequantize + fp32 matmul (plain PyTorch)",
         )
     )
+
+
+on_codebook_registered(_register)  # nf4, fp4_e2m1, fp4_e2m1_bnb and every registered codebook

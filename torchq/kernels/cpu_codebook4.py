@@ -30,7 +30,7 @@ from functools import lru_cache, partial
 
 import torch
 
-from ..primitives.codebook import CODEBOOK_FORMATS, codebook_values, dynamic_map
+from ..primitives.codebook import codebook_values, dynamic_map, on_codebook_registered
 from ..tensors.layouts import Layout, register_layout
 from . import cpu_ext
 from .cpu_kernels import WEIGHT_ONLY_NUMERICS, register_cpu_kernel, weight_only_arithmetic
@@ -94,24 +94,30 @@ def _accepts(w) -> bool:
 
 CODEBOOK4_LAYOUTS: dict[str, Layout] = {}
 CODEBOOK4_KERNELS: list[LinearKernel] = []
-for _scheme in sorted(CODEBOOK_FORMATS):
-    CODEBOOK4_LAYOUTS[_scheme] = register_layout(
+
+
+def _register(scheme: str) -> None:
+    """The tiled layout and the C++ kernel of one codebook format (the table is an input)."""
+    CODEBOOK4_LAYOUTS[scheme] = register_layout(
         Layout(
-            f"cpu_codebook4_tile16.{_scheme}",
+            f"cpu_codebook4_tile16.{scheme}",
             "codebook4_packed",
-            f"{_scheme} codes tiled like cpu_int4_tile16, fp32 scales [groups][16] per tile, + table (C++ CPU kernel)",
-            partial(_to_tiles, _scheme),
+            f"{scheme} codes tiled like cpu_int4_tile16, fp32 scales [groups][16] per tile, + table (C++ CPU kernel)",
+            partial(_to_tiles, scheme),
             _from_tiles,
             _rows,
         )
     )
     CODEBOOK4_KERNELS.append(
         register_cpu_kernel(
-            _scheme,
-            f"cpu_codebook4_tile16.{_scheme}",
+            scheme,
+            f"cpu_codebook4_tile16.{scheme}",
             codebook4_linear,
             _accepts,
             WEIGHT_ONLY_NUMERICS,
             weight_only_arithmetic,
         )
     )
+
+
+on_codebook_registered(_register)

@@ -69,6 +69,8 @@ __all__ = [
     "unpack_codes",
     "DOUBLE_QUANT_BLOCK",
     "BLOCK_SIZES",
+    "register_codebook",
+    "on_codebook_registered",
 ]
 
 #: Block sizes torchq accepts for codebook formats (bitsandbytes' set).
@@ -134,6 +136,42 @@ CODEBOOK_FORMATS: dict[str, Codebook] = {
                  (15, 14, 13, 12, 11, 10, 9, 0, 1, 2, 3, 4, 5, 6, 7), "even", 6.0),
     )
 }
+
+
+_ON_REGISTER: list = []
+
+
+def register_codebook(
+    name: str, values, description: str = "user codebook, scale = absmax / max|value|"
+) -> Codebook:
+    """Add a 16-entry 4-bit codebook format ``name`` (``values[q]`` for code q, any 16 finite
+    numbers, stored as fp32). Its quantizer picks the nearest entry (ties to the lower one) with
+    ``scale = block absmax / max|values|``; everything registered with
+    :func:`on_codebook_registered` (reference and C++ kernels, their layouts) follows, so
+    ``torchq.codebook4_weight_only(name)`` quantizes, explains, saves and loads like NF4."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"a codebook name must be an identifier, got {name!r}")
+    if name in CODEBOOK_FORMATS:
+        raise ValueError(f"codebook {name!r} is already registered")
+    table = _fp32_table(tuple(float(v) for v in values))
+    if len(table) != 16 or not all(math.isfinite(v) for v in table):
+        raise ValueError(f"a 4-bit codebook has 16 finite values, got {len(table)}: {values!r}")
+    vmax = max(abs(v) for v in table)
+    if vmax == 0.0:
+        raise ValueError("a codebook needs at least one non-zero value")
+    cb = Codebook(name, description, table, _stable_order(table), "down", vmax)
+    CODEBOOK_FORMATS[name] = cb
+    for hook in _ON_REGISTER:
+        hook(name)
+    return cb
+
+
+def on_codebook_registered(hook) -> None:
+    """Call ``hook(name)`` for every codebook format, those registered so far and later ones
+    (kernel modules register their per-format kernels and layouts this way)."""
+    _ON_REGISTER.append(hook)
+    for name in sorted(CODEBOOK_FORMATS):
+        hook(name)
 
 
 def get_codebook(name: str) -> Codebook:
