@@ -9,6 +9,7 @@ only the tensor asked for is read), so no float copy of a quantized weight ever 
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
@@ -209,6 +210,18 @@ def _class_names(module: nn.Module) -> tuple[str, ...]:
     return tuple(c.__name__ for c in type(module).__mro__)
 
 
+@contextlib.contextmanager
+def _as_checkpoint_error(directory: str, name: str):
+    """Any failure while reading one layer's tensors is a damaged or contradictory checkpoint:
+    a CheckpointError naming the directory and the layer (the format modules say what)."""
+    try:
+        yield
+    except CheckpointError as e:
+        raise e.located(file=directory, tensor=name) from e
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError, ArithmeticError) as e:
+        raise CheckpointError(f"{type(e).__name__}: {e}", file=directory, tensor=name) from e
+
+
 def load_quantized_dir(directory: str, qcfg: Mapping, *, dtype: torch.dtype = torch.float32, **config_overrides) -> nn.Module:
     """A transformers causal LM from a foreign quantized checkpoint directory (see module doc)."""
     from accelerate import init_empty_weights
@@ -229,13 +242,14 @@ def load_quantized_dir(directory: str, qcfg: Mapping, *, dtype: torch.dtype = to
         reader = importer.reader(qcfg, names, name, _class_names(module))
         if reader is None:
             continue
-        w, scheme = reader(tensors, name)
-        if tuple(w.shape) != (module.out_features, module.in_features):
-            raise ValueError(
-                f"{directory}: {name} holds a {tuple(w.shape)} weight, the model expects "
-                f"{(module.out_features, module.in_features)}"
-            )
-        module.weight = nn.Parameter(to_torchq(w, dtype, what=name, scheme=scheme), requires_grad=False)
+        with _as_checkpoint_error(directory, name):
+            w, scheme = reader(tensors, name)
+            if tuple(w.shape) != (module.out_features, module.in_features):
+                raise CheckpointError(
+                    f"holds a {tuple(w.shape)} weight, the model expects {(module.out_features, module.in_features)}",
+                    file=directory, tensor=name, fix="check that config.json belongs to these weights",
+                )
+            module.weight = nn.Parameter(to_torchq(w, dtype, what=name, scheme=scheme), requires_grad=False)
         done.add(f"{name}.weight")
         if module.bias is not None:
             module.bias = nn.Parameter(tensors(f"{name}.bias").to(dtype), requires_grad=False)
@@ -248,7 +262,8 @@ def load_quantized_dir(directory: str, qcfg: Mapping, *, dtype: torch.dtype = to
         value = tensors(key)
         value = value.to(dtype) if value.is_floating_point() else value
         if tuple(value.shape) != tuple(param.shape):
-            raise ValueError(f"{directory}: {key} has shape {tuple(value.shape)}, the model expects {tuple(param.shape)}")
+            raise CheckpointError(f"has shape {tuple(value.shape)}, the model expects {tuple(param.shape)}",
+                                  file=directory, tensor=key, fix="check that config.json belongs to these weights")
         if isinstance(param, nn.Parameter):
             setattr(owner, leaf, nn.Parameter(value, requires_grad=False))
         else:

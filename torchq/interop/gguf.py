@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import CheckpointError
 from ..tensors.affine_quantized import AffineQuantizedTensor
 
 __all__ = [
@@ -295,7 +296,11 @@ class GGUFFile:
         if self._reader is None:
             import gguf
 
-            self._reader = gguf.GGUFReader(self.path)
+            try:
+                self._reader = gguf.GGUFReader(self.path)
+            except (ValueError, KeyError, IndexError, TypeError, OverflowError, MemoryError) as e:
+                raise CheckpointError(f"not a readable GGUF file ({type(e).__name__}: {e})", file=self.path,
+                                      fix="the file is truncated or corrupt: re-download it") from e
         return self._reader
 
     @property

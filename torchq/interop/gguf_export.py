@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..primitives.affine import ZeroPointDomain
+from ..serialization import atomic_write
 from ..tensors.affine_quantized import AffineQuantizedTensor
 from ..tensors.base import TorchqTensor
 from .gguf import GROUP, gguf_to_hf_names, rotary_row_permutation
@@ -196,41 +197,45 @@ def save_gguf(
     if float_type not in ("f32", "f16"):
         raise ValueError(f"float_type must be 'f32' or 'f16', got {float_type!r}")
     hf_to_gguf = {hf: g for g, hf in gguf_to_hf_names(model, arch, config.num_hidden_layers).items()}
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_name(getattr(config, "name_or_path", "") or "torchq-export")
-    _metadata(w, config)
-    if tokenizer is not None:
-        _add_tokenizer(w, tokenizer, tokenizer_pre)
-    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
-    tied = head is not None and emb is not None and head.weight is emb.weight
-    written = set()
-    for hf_name, value in model.state_dict(keep_vars=True).items():
-        gname = hf_to_gguf.get(hf_name)
-        if gname is None:
-            continue  # buffers such as rotary inv_freq
-        if tied and gname == "output.weight":
-            continue  # llama.cpp uses token_embd for a missing output
-        if gname in written:
-            continue
-        rows = _rows_for(gname, value.shape[0], config)
-        if isinstance(value, AffineQuantizedTensor):
-            try:
-                qtype, raw = encode_blocks(value, rows)
-            except ValueError as e:
-                raise ValueError(f"{hf_name}: {e}") from None
-            w.add_tensor(gname, raw, raw_dtype=gguf.GGMLQuantizationType[qtype])
-        else:
-            if isinstance(value, TorchqTensor):
-                raise ValueError(f"{hf_name}: {type(value).__name__} weights have no GGUF type; quantize with {_LOSSLESS_CONFIGS}")
-            data = value.detach().float().numpy()
-            if rows is not None:
-                data = data[rows]
-            if float_type == "f16" and data.ndim == 2:
-                data = data.astype(np.float16)
-            w.add_tensor(gname, np.ascontiguousarray(data))
-        written.add(gname)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+
+    def write(tmp: str) -> None:
+        w = gguf.GGUFWriter(tmp, arch)
+        w.add_name(getattr(config, "name_or_path", "") or "torchq-export")
+        _metadata(w, config)
+        if tokenizer is not None:
+            _add_tokenizer(w, tokenizer, tokenizer_pre)
+        head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+        tied = head is not None and emb is not None and head.weight is emb.weight
+        written = set()
+        for hf_name, value in model.state_dict(keep_vars=True).items():
+            gname = hf_to_gguf.get(hf_name)
+            if gname is None:
+                continue  # buffers such as rotary inv_freq
+            if tied and gname == "output.weight":
+                continue  # llama.cpp uses token_embd for a missing output
+            if gname in written:
+                continue
+            rows = _rows_for(gname, value.shape[0], config)
+            if isinstance(value, AffineQuantizedTensor):
+                try:
+                    qtype, raw = encode_blocks(value, rows)
+                except ValueError as e:
+                    raise ValueError(f"{hf_name}: {e}") from None
+                w.add_tensor(gname, raw, raw_dtype=gguf.GGMLQuantizationType[qtype])
+            else:
+                if isinstance(value, TorchqTensor):
+                    raise ValueError(f"{hf_name}: {type(value).__name__} weights have no GGUF type; quantize with {_LOSSLESS_CONFIGS}")
+                data = value.detach().float().numpy()
+                if rows is not None:
+                    data = data[rows]
+                if float_type == "f16" and data.ndim == 2:
+                    data = data.astype(np.float16)
+                w.add_tensor(gname, np.ascontiguousarray(data))
+            written.add(gname)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    atomic_write(str(path), write)  # a failed or killed export leaves no partial file
     return str(path)

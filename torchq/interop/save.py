@@ -22,6 +22,7 @@ from torch import nn
 
 from . import awq, compressed_tensors, gptq
 from .intweight import IntWeight, from_torchq
+from ..serialization import atomic_write
 from ..tensors.affine_quantized import AffineQuantizedTensor
 from ..tensors.base import TorchqTensor
 
@@ -131,7 +132,7 @@ def write_shards(tensors: Mapping[str, torch.Tensor], out_dir: str, max_shard_by
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for shard, fname in zip(shards, names):
-        save_file(shard, os.path.join(out_dir, fname), metadata={"format": "pt"})
+        atomic_write(os.path.join(out_dir, fname), lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"}))
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
