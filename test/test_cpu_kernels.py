@@ -282,6 +282,21 @@ def test_fp32_activations_get_fp32_arithmetic_under_highest_precision_on_every_r
         torch.testing.assert_close(y, F.linear(x, w_deq, b), rtol=1e-5, atol=1e-5)
 
 
+def test_onednn_route_chunk_size_does_not_change_results():
+    """The oneDNN route's chunking (weight bytes per at::mm call) is a speed knob only."""
+    torch.manual_seed(0)
+    t = quantized(torch.randn(75, 96), "int4_weight_only", 4, 32)
+    x = torch.randn(40, 96).bfloat16()
+    with tuned({"bf16_min_m": 1, "onednn_route": 1}):
+        outs = []
+        for chunk in (4096, 96 * 2 * 16 * 2, 1 << 20):
+            with tuned({"onednn_chunk_bytes": chunk}):
+                outs.append(F.linear(x, t))
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+    with pytest.raises(RuntimeError, match="at least 4096"):
+        ops._tune("onednn_chunk_bytes", 100)
+
+
 def test_route_follows_the_precision_setting_at_call_time():
     """The same weight, called again after torch.set_float32_matmul_precision, switches route."""
     with tuned({"bf16_min_m": 1, "onednn_route": 1}):

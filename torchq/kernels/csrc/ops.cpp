@@ -152,6 +152,10 @@ std::atomic<int64_t> g_int8_gemm_min_m{8};
 std::atomic<int64_t> g_bf16_min_m{kBf16MinMDefault};
 std::atomic<int64_t> g_bf16_emulate{0};
 std::atomic<int64_t> g_onednn_route{0};  // 0: on the amx path, 1: always, 2: never
+// Weight bytes (bf16) dequantized per at::mm call of the oneDNN route: fewer, larger calls
+// amortize oneDNN's per-call weight packing, smaller ones stay in cache. Tune on AMX hosts.
+constexpr int64_t kRouteChunkDefault = int64_t(2) << 20;
+std::atomic<int64_t> g_onednn_chunk_bytes{kRouteChunkDefault};
 // Software prefetch distance (bytes) of the GEMV code stream; see kernels_impl.h (pf()).
 constexpr int64_t kPfDistDefault = 8192;
 std::atomic<int64_t> g_pf_dist{kPfDistDefault};
@@ -218,13 +222,18 @@ int64_t tune(std::string name, int64_t value) {
   } else if (name == "prefetch_distance") {
     p = &g_pf_dist;
     dflt = kPfDistDefault;
+  } else if (name == "onednn_chunk_bytes") {
+    TORCH_CHECK(value < 0 || value >= 4096, "torchq: onednn_chunk_bytes must be at least 4096, got ", value);
+    p = &g_onednn_chunk_bytes;
+    dflt = kRouteChunkDefault;
   } else if (name == "onednn_route") {
     TORCH_CHECK(value <= 2, "torchq: onednn_route is 0 (amx path), 1 (always) or 2 (never), got ", value);
     p = &g_onednn_route;
     dflt = 0;
   }
   TORCH_CHECK(p, "torchq: unknown tunable '", name,
-              "' (known: int4_gemm_min_m, int8_gemm_min_m, bf16_min_m, bf16_emulate, onednn_route, prefetch_distance)");
+              "' (known: int4_gemm_min_m, int8_gemm_min_m, bf16_min_m, bf16_emulate, onednn_route, onednn_chunk_bytes, "
+              "prefetch_distance)");
   return p->exchange(value < 0 ? dflt : value);
 }
 
@@ -445,17 +454,15 @@ int64_t call_work(const QWeight& q, int64_t M, bool int4) {
 // Runs the kernel over weight tiles [t0, t1) (default: the KernelTable entry of the scheme).
 using TileRunner = std::function<void(const QWeight&, const Acts&, const Out&, int64_t, int64_t, int, Scratch)>;
 
-// The oneDNN route: rows of the weight, a chunk of about kRouteChunkBytes at a time, are
+// The oneDNN route: rows of the weight, a chunk of about onednn_chunk_bytes at a time, are
 // dequantized to bf16 (transposed, [K][rows]) by all threads, then multiplied by at::mm
 // with the bf16-rounded activations (oneDNN: AMX or AVX512-BF16 kernels, its own threads).
 // Its bf16 result is widened into y's columns; bias is added in fp32 at the end.
-constexpr int64_t kRouteChunkBytes = int64_t(2) << 20;
-
 void onednn_weight_only(const at::Tensor& x2, at::Tensor& y2, const QWeight& q, int32_t kind, const at::Tensor& b) {
   const KernelTable* kt = table();
   const at::Tensor xb = x2.scalar_type() == at::kBFloat16 ? x2 : x2.to(at::kBFloat16);
   const int64_t tiles = (q.N + TILE - 1) / TILE;
-  const int64_t chunk_tiles = std::max<int64_t>(1, kRouteChunkBytes / (q.K * 2 * TILE));
+  const int64_t chunk_tiles = std::max<int64_t>(1, g_onednn_chunk_bytes.load() / (q.K * 2 * TILE));
   at::Tensor wt = at::empty({q.K, chunk_tiles * TILE}, x2.options().dtype(at::kBFloat16));
   for (int64_t t0 = 0; t0 < tiles; t0 += chunk_tiles) {
     const int64_t t1 = std::min(tiles, t0 + chunk_tiles);
