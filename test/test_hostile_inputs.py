@@ -427,3 +427,38 @@ def test_damaged_gguf_raises_checkpoint_error(tmp_path, data):
         GGUFFile(str(path)).reader  # noqa: B018  (parsing is what is tested)
     except CheckpointError as e:
         assert "damaged.gguf" in str(e)
+
+
+# ---------------------------------------------------------------------- fault injection: the build
+@pytest.mark.parametrize("fault", ["no_compiler", "broken_cache_dir"])
+def test_kernel_build_failure_falls_back_to_references_with_one_warning(tmp_path, fault):
+    """A fresh process whose kernel build cannot succeed (no C++ compiler; a cache directory
+    that cannot be created) warns once and computes correct results with the references."""
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if fault == "no_compiler":
+        env.update(TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), CXX=str(tmp_path / "no-such-c++"), CC=str(tmp_path / "no-such-cc"))
+        env["PATH"] = "/nonexistent"  # nor c++ / g++ / ninja on PATH
+    else:
+        blocker = tmp_path / "file"
+        blocker.write_text("not a directory")
+        env.update(TORCH_EXTENSIONS_DIR=str(blocker / "ext"))
+    code = textwrap.dedent("""
+        import warnings, torch, torchq
+        from torch import nn
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.manual_seed(0)
+            m = nn.Linear(64, 16)
+            x = torch.randn(3, 64)
+            torchq.quantize_(m, torchq.int4_weight_only(group_size=32))
+            torchq.quantize_(nn.Linear(64, 8), torchq.int8_dynamic_activation_int8_weight())
+            y = m(x)
+        msgs = [w for w in caught if "building the C++ CPU kernels failed" in str(w.message)]
+        assert len(msgs) == 1, [str(w.message)[:200] for w in caught]
+        assert m.weight.kernel == "reference.int4_weight_only", m.weight.kernel
+        ref = torch.nn.functional.linear(x, m.weight.dequantize(), m.bias)
+        assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5)
+        print("OK")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout + r.stderr[-3000:]
