@@ -176,9 +176,11 @@ def _check_crc(flat: Mapping[str, torch.Tensor], header: Mapping[str, Any], file
     """Every tensor listed in the header's CRC table is present and has its bytes (files
     written before the table existed have none: nothing to check)."""
     table = header.get("crc32")
+    if ("crc32" in header) != ("crc32_complete" in header):  # written together, or (older files) not at all
+        raise CheckpointError("the torchq header's checksum fields are damaged", file=file)
     if table is None:
         return
-    complete = header.get("crc32_complete", False)
+    complete = header["crc32_complete"]
     if not isinstance(table, dict) or not isinstance(complete, bool):
         raise CheckpointError("the torchq header's checksum table is malformed", file=file)
     for name, t in flat.items():
