@@ -6,6 +6,7 @@ Public API::
     report = torchq.quantize_(model, torchq.int4_weight_only(group_size=64))
     torchq.explain(model)
     torchq.save_file(model.state_dict(), "model.safetensors")
+    out = torchq.generate(model, input_ids, max_new_tokens=128)  # fused CPU decoding
 """
 
 from ._version import __version__
@@ -53,6 +54,7 @@ from .codebook_configs import (
 )
 from . import codebook_handlers  # noqa: F401  (registers the NF4 / FP4 handlers)
 from .explain import explain, explain_rows
+from .runtime import generate
 from .handlers import register_handler
 from .api import register_after_quantize as _register_after_quantize
 from .integrations import install_transformers_hook as _install_transformers_hook

@@ -91,6 +91,14 @@ struct KernelTable {
   // operand of a library GEMM (the oneDNN route of the amx path). wb: GEMM_KC * TILE floats.
   void (*dequant_t)(const QWeight&, int32_t kind, int64_t t0, int64_t t1, int32_t out_dt, void* wt, int64_t ldw,
                     float* wb);
+  // Fused decoder step (runtime_impl.h). Rows [n0, n1) of a row-major fp32 weight (N, K):
+  // y[m][n] = x[m] . w[n] (+ bias[n]) for m < M.
+  void (*dense_f32)(const float* w, int64_t K, int64_t n0, int64_t n1, const float* x, int64_t M, int64_t ldx,
+                    const float* bias, float* y, int64_t ldy);
+  // One query head over T cached positions (rows of hd <= 1024 values, stride ldkv, fp32 or
+  // bf16): out = sum_t softmax_t(scale * q . k_t) v_t; scores: T floats of scratch.
+  void (*attend)(const float* q, const void* k, const void* v, int32_t kv_dt, int64_t ldkv, int64_t T, int64_t hd,
+                 float scale, float* scores, float* out);
 };
 
 const KernelTable* table_scalar();

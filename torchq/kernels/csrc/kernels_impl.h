@@ -780,6 +780,7 @@ static void w8a8(const QWeight& q, const Acts& a, const Out& o, int64_t t0, int6
 }
 
 #include "codebook4_impl.h"
+#include "runtime_impl.h"
 
 // ------------------------------------------------------------------ dequantize for a library GEMM
 // Weight tiles [t0, t1) dequantized exactly as the GEMM path does (dequant_int4 / _int8 /
@@ -817,6 +818,7 @@ static void dequant_t(const QWeight& q, int32_t kind, int64_t t0, int64_t t1, in
 
 const KernelTable kTable = {
     TQ_TABLE_NAME, prep_int4_gemv, prep_bf16, prep_f32, quant_act, int4_wo, int8_wo, w4a8, w8a8, cb4_wo, dequant_t,
+    dense_f32,      attend,
 };
 
 }  // namespace

@@ -28,6 +28,7 @@
 #endif
 
 #include "kernel_api.h"
+#include "ops_internal.h"
 
 namespace {
 using namespace torchq_k;
@@ -328,10 +329,7 @@ at::Tensor pad_tail(const uint8_t* base, int64_t n_full, int64_t rows, int64_t o
   return out;
 }
 
-struct Prepared {
-  QWeight q;
-  std::vector<at::Tensor> keep;  // tail copies
-};
+using torchq_ops::Prepared;
 
 // Validate and describe a tiled weight. bytes_per_k: code bytes per row per input
 // feature times 2 (int4: 1, int8: 2) -> Kp = qdata.size(1) * 2 / bytes_per_k2.
@@ -872,6 +870,15 @@ at::Tensor empty_huge(at::IntArrayRef sizes, at::ScalarType dtype) {
 }
 
 }  // namespace
+
+namespace torchq_ops {
+const KernelTable* active_table() { return table(); }
+int64_t gemm_min_m(bool int4) { return (int4 ? g_int4_gemm_min_m : g_int8_gemm_min_m).load(); }
+Prepared prepare_tiled_weight(const at::Tensor& qdata, const at::Tensor& scale, const c10::optional<at::Tensor>& zero,
+                              int64_t group, int64_t qmin, int64_t K, bool int4, bool k4x16) {
+  return prepare_weight(qdata, scale, zero, group, qmin, K, int4, k4x16);
+}
+}  // namespace torchq_ops
 
 TORCH_LIBRARY(torchq, m) {
   m.def("int4_linear(Tensor x, Tensor qdata, Tensor scale, Tensor? zero_point, Tensor? bias, int group_size, "

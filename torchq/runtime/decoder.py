@@ -1,0 +1,138 @@
+"""The fused decoder: a model's weights handed once to ``torch.ops.torchq.decoder_step``
+(csrc/decode.cpp), which then runs a whole step (all layers, the final norm and the LM head)
+in one native call and one parallel region.
+
+``FusedDecoder.for_model(model, max_len)`` builds (and caches on the model) the decoder; the
+C++ side keeps references to the model's own tensors, so the packed weights are shared, not
+copied. The KV cache is a pair of static tensors ``(layers, kv_heads, length, head_dim)``,
+fp32 or bf16, written in place."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..kernels import cpu_ext
+from .architecture import DecoderArchitecture, inspect_model, rope_tables
+from .weights import UnsupportedModelError, linear_spec
+
+__all__ = ["FusedDecoder", "KV_DTYPES"]
+
+SPEC_VERSION = 1
+KV_DTYPES = (torch.float32, torch.bfloat16)
+_MIN_TABLE = 256
+_VOCAB: dict[int, int] = {}  # decoder id -> vocabulary size (fake implementation)
+
+
+def _register_fake() -> None:
+    @torch.library.register_fake("torchq::decoder_step")
+    def _decoder_step(decoder, x, k_cache, v_cache, pos):
+        return x.new_empty((_VOCAB[decoder],), dtype=torch.float32)
+
+
+cpu_ext.after_load(_register_fake)
+
+
+def _free(handle: int) -> None:
+    _VOCAB.pop(handle, None)
+    try:
+        torch.ops.torchq._decoder_free(handle)
+    except Exception:  # noqa: BLE001 - interpreter shutdown: the library may be gone
+        pass
+
+
+def _weights_key(arch: DecoderArchitecture) -> tuple:
+    """Identity of every tensor the decoder reads: a swapped weight makes a new decoder."""
+    mods = [arch.final_norm, arch.lm_head]
+    for layer in arch.layers:
+        mods += [layer.input_layernorm, layer.post_attention_layernorm]
+        mods += [getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        mods += [getattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]
+    return tuple((id(m.weight), getattr(m, "bias", None) is not None and id(m.bias)) for m in mods)
+
+
+class FusedDecoder:
+    """One model's decoder step as a single native call.
+
+    ``step(ids, k_cache, v_cache, pos)`` embeds ``ids`` (M new tokens at positions
+    ``pos .. pos+M-1``), runs every layer writing their keys and values into the caches,
+    and returns the fp32 logits (vocab,) of the last position."""
+
+    def __init__(self, model: nn.Module, max_len: int, positions: Optional[int] = None):
+        """``max_len``: positions of the rotary table (the longest cache); ``positions``: the
+        positions this run needs (checked against a sliding window; default max_len)."""
+        if not cpu_ext.available():
+            raise UnsupportedModelError("the fused decoder needs torchq's C++ kernels, which failed to build")
+        arch = inspect_model(model, positions or max_len)
+        self.arch = arch
+        self.max_len = max_len
+        self.embed = arch.embed
+        self.weights_key = _weights_key(arch)
+        ints = [SPEC_VERSION, len(arch.layers), arch.hidden, arch.heads, arch.kv_heads, arch.head_dim,
+                arch.intermediate, arch.vocab, max_len]
+        cos, sin = rope_tables(arch, max_len)
+        tensors = [cos, sin]
+        self.kinds: dict[str, str] = {}
+        for i, layer in enumerate(arch.layers):
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                tensors.append(self._norm_weight(norm, f"model.layers.{i}"))
+            for owner, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                 (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
+                for name in names:
+                    where = f"model.layers.{i}.{name}"
+                    li, lt, label = linear_spec(getattr(owner, name), where)
+                    ints += li
+                    tensors += lt
+                    self.kinds[where] = label
+        tensors.append(self._norm_weight(arch.final_norm, "model.norm"))
+        li, lt, label = linear_spec(arch.lm_head, "lm_head")
+        ints += li
+        tensors += lt
+        self.kinds["lm_head"] = label
+        self.handle = int(torch.ops.torchq._decoder_create(tensors, ints, [arch.eps, arch.scale]))
+        _VOCAB[self.handle] = arch.vocab
+        self._finalizer = weakref.finalize(self, _free, self.handle)
+
+    @staticmethod
+    def _norm_weight(norm: nn.Module, where: str) -> torch.Tensor:
+        w = norm.weight
+        if w.dtype != torch.float32:
+            raise UnsupportedModelError(f"{where}: norm weights must be float32, got {w.dtype}; call model.float()")
+        return w.detach().contiguous()
+
+    @classmethod
+    def for_model(cls, model: nn.Module, max_len: int) -> "FusedDecoder":
+        """The model's cached decoder when it covers ``max_len`` positions and the model's
+        weights are the same tensors; else a new one (rotary table sized to a power of two)."""
+        cached: Optional[FusedDecoder] = getattr(model, "_torchq_fused_decoder", None)
+        if cached is not None and cached.max_len >= max_len:
+            if cached.weights_key == _weights_key(inspect_model(model, max_len)):
+                return cached
+        length = max(_MIN_TABLE, 1 << (max_len - 1).bit_length())
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit:
+            if max_len > limit:
+                raise ValueError(f"{max_len} positions exceed the model's max_position_embeddings ({limit})")
+            length = min(length, limit)
+        decoder = cls(model, length, max_len)
+        object.__setattr__(model, "_torchq_fused_decoder", decoder)
+        return decoder
+
+    def new_cache(self, length: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeroed static (keys, values) caches of ``length`` positions."""
+        if dtype not in KV_DTYPES:
+            raise ValueError(f"KV cache dtype must be one of {KV_DTYPES}, got {dtype}")
+        if length > self.max_len:
+            raise ValueError(f"a cache of {length} positions exceeds this decoder's {self.max_len}")
+        a = self.arch
+        shape = (len(a.layers), a.kv_heads, length, a.head_dim)
+        return torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+
+    def step(self, ids: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int) -> torch.Tensor:
+        """Logits (vocab,) of the last of ``ids`` (1-D LongTensor) at positions ``pos`` onward."""
+        with torch.no_grad():
+            x = self.embed(ids.reshape(-1)).to(torch.float32)
+            return torch.ops.torchq.decoder_step(self.handle, x, k_cache, v_cache, pos)
