@@ -19,6 +19,7 @@ On a shared host only ratios measured in the same run mean anything.
 
 from __future__ import annotations
 
+import inspect
 import resource
 import statistics
 import sys
@@ -89,6 +90,7 @@ class _Decoder:
         self.forward = (torch.compile(model.forward, options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
                         if compile else model.forward)
         self.cache, self.pos = None, 0
+        self.cache_arg = cache_argument(model)
 
     def reset(self) -> None:
         if self.static:
@@ -110,9 +112,47 @@ class _Decoder:
         # graph is compiled for the uninitialized cache
         fresh = self.static and not self.cache.is_initialized
         forward = self.model.forward if fresh else self.forward
-        out = forward(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1, **extra)
-        self.cache, self.pos = out.past_key_values, self.pos + n
+        extra[self.cache_arg] = self.cache
+        out = forward(input_ids=ids, use_cache=True, logits_to_keep=1, **extra)
+        self.cache, self.pos = _returned_cache(out), self.pos + n
         return out.logits[:, -1].argmax(-1, keepdim=True)
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The keyword a model's forward takes its KV cache by: ``cache`` from transformers 5.24
+    (``past_key_values`` is deprecated there, removal announced for 5.40), else
+    ``past_key_values``."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _returned_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+class _FusedDecoder:
+    """The same protocol through torchq's fused decoder (torchq.runtime): one native call per
+    step, static KV cache."""
+
+    def __init__(self, model: nn.Module, max_tokens: int):
+        from .runtime import FusedDecoder
+
+        self.decoder = FusedDecoder.for_model(model, max_tokens)
+        self.max_tokens = max_tokens
+        self.k, self.v = self.decoder.new_cache(max_tokens)
+        self.pos = 0
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        n = ids.shape[1]
+        logits = None
+        for start in range(0, n, 256):  # as torchq.generate prefills
+            logits = self.decoder.step(ids[0, start : start + 256], self.k, self.v, self.pos + start)
+        self.pos += n
+        return logits.argmax().reshape(1, 1)
 
 
 def bench(
@@ -126,18 +166,23 @@ def bench(
     max_prefill_seconds: Optional[float] = None,
     max_decode_seconds: Optional[float] = None,
     compile: bool = False,
+    fused: bool = False,
 ) -> BenchResult:
     """Benchmark ``model`` on ``prompt`` (truncated or repeated to ``prompt_tokens`` tokens).
 
     ``max_prefill_seconds`` / ``max_decode_seconds`` stop the prefill repeats / decode steps
     once that much time is spent (at least one timed run / step each), so that a slow model
-    costs seconds, not minutes; a fast one runs them all.
+    costs seconds, not minutes; a fast one runs them all. ``fused=True`` runs prefill and
+    decode through torchq's fused decoder step (the path of ``torchq.generate``).
     """
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
     if prompt_tokens is not None:
         reps = -(-prompt_tokens // ids.shape[1])
         ids = ids.repeat(1, reps)[:, :prompt_tokens]
-    decoder = _Decoder(model, compile, ids.shape[1] + new_tokens + 1)
+    if fused and compile:
+        raise ValueError("fused=True runs torchq's native decoder step; it is not compiled (compile=False)")
+    length = ids.shape[1] + new_tokens + 1
+    decoder = _FusedDecoder(model, length) if fused else _Decoder(model, compile, length)
     reset_peak_rss()
     compile_seconds = None
     with torch.inference_mode():

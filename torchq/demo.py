@@ -155,6 +155,8 @@ def run(args) -> list[Row]:
               f"[{row.kernels}] {row.seconds:.0f} s", flush=True)
         if args.compile and name.startswith("int4"):
             rows.append(_compiled_row(model, row, tokenizer, prompt, args))
+        if name.startswith("int4"):
+            rows.append(_fused_row(model, row, tokenizer, prompt, args))
         if overhead is None and name.startswith("int4"):
             overhead = linear_dispatch_overhead(_first_layer_weight(model), iters=2000)
         if model is not fp32:
@@ -176,6 +178,25 @@ def _compiled_row(model, eager: Row, tokenizer, prompt: str, args) -> Row:
               f"torch.compile, static KV cache, compiled in {b.compile_seconds:.0f} s; quality as the eager row")
     print(f"{row.name:<10} prefill {row.prefill_tok_s:7.1f} tok/s  decode {row.decode_tok_s:6.2f} tok/s "
           f"({row.decode_tokens} tokens), compile {b.compile_seconds:.0f} s", flush=True)
+    return row
+
+
+def _fused_row(model, eager: Row, tokenizer, prompt: str, args) -> Row:
+    """The same int4 model through torchq.generate's fused decoder: one native call and one
+    parallel region per token (torchq.runtime), same weights, same quality."""
+    t0 = time.perf_counter()
+    try:
+        b = bench(model, tokenizer, prompt, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                  max_prefill_seconds=args.max_decode_seconds, max_decode_seconds=args.max_decode_seconds, repeats=3,
+                  fused=True)
+    except NotImplementedError as e:
+        print(f"{eager.name} fused not run: {e}")
+        return Row(f"{eager.name} fused", *([math.nan] * 6), 0, math.nan, "-", 0.0, "", f"not run: {e}")
+    row = Row(f"{eager.name} fused", b.size_mb, eager.perplexity, eager.kl, eager.top1, b.prefill_tokens_per_s,
+              b.decode_tokens_per_s, b.new_tokens, b.peak_rss_mb, eager.kernels, time.perf_counter() - t0, b.sample,
+              "torchq.generate's fused decoder step (torchq.runtime); quality as the eager row")
+    print(f"{row.name:<10} prefill {row.prefill_tok_s:7.1f} tok/s  decode {row.decode_tok_s:6.2f} tok/s "
+          f"({row.decode_tokens} tokens)", flush=True)
     return row
 
 

@@ -1,0 +1,352 @@
+"""End-to-end generation speed on SmolLM2-135M: torchq's fused decoder against transformers
+and llama.cpp, side by side in one run, at 1 and 2 threads.
+
+::
+
+    python benchmarks/bench_e2e.py                    # every engine, 1 and 2 threads (a few minutes)
+    python benchmarks/bench_e2e.py --threads 2 --background-load
+    python benchmarks/bench_e2e.py --readme           # also rewrite this CPU kind's README / RESULTS section
+
+Engines (each row runs in its own child process, so its peak RSS is its own):
+
+* ``hf fp32`` / ``hf int4 g32``: transformers eager with a dynamic cache (float weights;
+  torchq int4 g32 weights), one forward per token.
+* ``fused <scheme>``: ``torchq.generate``'s path (torchq.runtime): one native call and one
+  parallel region per token, static fp32 KV cache. Models are torchq checkpoints written
+  once by the parent, loaded with ``torchq.from_pretrained``.
+* ``fused gguf q4_0``: torchq running the very Q4_0 GGUF file that llama.cpp runs.
+* ``llama.cpp q4_0`` / ``llama.cpp (package file)``: ``llama-cpp-python`` (optional extra
+  ``bench-llamacpp``; it compiles llama.cpp on install, about 10 min on 2 cores, so it is
+  never a CI dependency). Without it those rows are skipped and only the
+  transformers-relative ratios are printed.
+
+Metrics: prefill of a 512-token prompt (best of 3), decode tok/s at depth 0 (1-token prompt)
+and at depth 512 (after the prompt): the median of 32 greedy steps; peak RSS of the child
+process (model load included). ``--background-load`` adds rows measured while another
+process spins on one core (the spin-then-yield barrier must not collapse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import cpu_kind, machine_info, machine_summary, upsert_marked_section  # noqa: E402
+
+PROMPT = 512
+STEPS = 32
+CACHE_DIR = Path(os.environ.get("TORCHQ_BENCH_CACHE", Path.home() / ".cache" / "torchq" / "bench_e2e"))
+#: scheme name -> torchq config expression (the fused rows)
+SCHEMES = {
+    "int4 g32": "torchq.int4_weight_only(group_size=32)",
+    "w4a8 g32": "torchq.int8_dynamic_activation_int4_weight(group_size=32)",
+    "int8": "torchq.int8_weight_only()",
+}
+ANCHOR = "<!-- bench_e2e:tables-end -->"
+
+
+# ---------------------------------------------------------------------- preparation (parent)
+def _source_gguf() -> str:
+    from torchq.demo import smollm2_gguf_path
+
+    return smollm2_gguf_path()
+
+
+def prepare(log=print) -> dict[str, str]:
+    """Torchq checkpoints of every scheme and the Q4_0 GGUF, written once into CACHE_DIR."""
+    import torch  # noqa: F401
+    import torchq
+    from torchq.interop.gguf import GGUFFile
+
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    src = _source_gguf()
+    key = f"{os.path.getsize(src)}-{torchq.__version__}"
+    paths = {name: str(CACHE_DIR / f"smollm2-{name.replace(' ', '_')}-{key}") for name in SCHEMES}
+    paths["gguf q4_0"] = str(CACHE_DIR / f"smollm2-q4_0-{key}.gguf")
+    missing = [n for n, p in paths.items() if not os.path.exists(p)]
+    if missing:
+        f = GGUFFile(src)
+        tok = f.tokenizer()
+        fp32, _ = f.model(keep_quantized=False)
+        import copy
+
+        for name in missing:
+            t0 = time.perf_counter()
+            m = copy.deepcopy(fp32)
+            if name == "gguf q4_0":
+                torchq.quantize_(m, torchq.int4_weight_only(group_size=32, symmetric=True))
+                torchq.save_gguf(m, paths[name], tokenizer=tok)
+            else:
+                torchq.quantize_(m, eval(SCHEMES[name], {"torchq": torchq}))
+                torchq.save_pretrained(m, paths[name], tokenizer=tok)
+            log(f"prepared {name}: {paths[name]} ({time.perf_counter() - t0:.0f} s)")
+    return paths
+
+
+# ---------------------------------------------------------------------- workers (children)
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _prompt_ids(tokenizer) -> list[int]:
+    from torchq.eval import default_text
+
+    ids = tokenizer(default_text(20000), add_special_tokens=False).input_ids
+    return list(ids[:PROMPT])
+
+
+def _measure(prefill, step, ids: list[int]) -> dict[str, float]:
+    """prefill(ids) -> next token (fresh cache); step(tok, pos) -> next token."""
+    times = []
+    nxt = None
+    for _ in range(3):
+        t0 = time.perf_counter()
+        nxt = prefill(ids)
+        times.append(time.perf_counter() - t0)
+    out = {"prefill_tok_s": len(ids) / min(times)}
+    steps = []
+    pos = len(ids)
+    for i in range(STEPS):
+        t0 = time.perf_counter()
+        nxt = step(nxt, pos + i)
+        steps.append(time.perf_counter() - t0)
+    out["decode_d512"] = 1 / statistics.median(steps)
+    nxt = prefill(ids[:1])
+    steps = []
+    for i in range(STEPS):
+        t0 = time.perf_counter()
+        nxt = step(nxt, 1 + i)
+        steps.append(time.perf_counter() - t0)
+    out["decode_d0"] = 1 / statistics.median(steps)
+    return out
+
+
+def _run_hf(model, tokenizer) -> dict[str, float]:
+    import torch
+
+    from torchq.bench import cache_argument
+
+    arg = cache_argument(model)
+    state: dict[str, Any] = {}
+
+    def forward(ids):
+        out = model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1, **{arg: state.get("cache")})
+        state["cache"] = getattr(out, "cache", None) or out.past_key_values
+        return int(out.logits[0, -1].argmax())
+
+    def prefill(ids):
+        state["cache"] = None
+        return forward(ids)
+
+    with torch.inference_mode():
+        return _measure(prefill, lambda tok, pos: forward([tok]), _prompt_ids(tokenizer))
+
+
+def _run_fused(model, tokenizer) -> dict[str, float]:
+    import torch
+
+    from torchq.runtime import FusedDecoder
+
+    decoder = FusedDecoder.for_model(model, PROMPT + STEPS + 8)
+    k, v = decoder.new_cache(PROMPT + STEPS + 8)
+
+    def prefill(ids):
+        t = torch.tensor(ids)
+        logits = None
+        for s in range(0, len(ids), 256):  # as torchq.generate does
+            logits = decoder.step(t[s : s + 256], k, v, s)
+        return int(logits.argmax())
+
+    def step(tok, pos):
+        return int(decoder.step(torch.tensor([tok]), k, v, pos).argmax())
+
+    with torch.inference_mode():
+        return _measure(prefill, step, _prompt_ids(tokenizer))
+
+
+def _run_llamacpp(path: str, threads: int, tokenizer) -> dict[str, float]:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=path, n_ctx=PROMPT + STEPS + 16, n_batch=PROMPT, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+
+    def prefill(ids):
+        llm.reset()
+        llm.eval(ids)
+        return int(llm.scores[llm.n_tokens - 1].argmax())
+
+    def step(tok, pos):
+        llm.eval([tok])
+        return int(llm.scores[llm.n_tokens - 1].argmax())
+
+    return _measure(prefill, step, _prompt_ids(tokenizer))
+
+
+def worker(engine: str, threads: int, paths: dict[str, str]) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(threads)
+    import torchq
+    from torchq.interop.gguf import GGUFFile
+
+    tokenizer = GGUFFile(_source_gguf()).tokenizer()
+    if engine == "hf fp32":
+        model, _ = GGUFFile(_source_gguf()).model(keep_quantized=False)
+        res = _run_hf(model, tokenizer)
+    elif engine == "hf int4 g32":
+        res = _run_hf(torchq.from_pretrained(paths["int4 g32"]), tokenizer)
+    elif engine.startswith("fused "):
+        name = engine[len("fused "):]
+        res = _run_fused(torchq.from_pretrained(paths[name]), tokenizer)
+    elif engine == "llama.cpp q4_0":
+        res = _run_llamacpp(paths["gguf q4_0"], threads, tokenizer)
+    elif engine == "llama.cpp package file":
+        res = _run_llamacpp(_source_gguf(), threads, tokenizer)
+    else:
+        raise SystemExit(f"unknown engine {engine!r}")
+    res["peak_rss_mb"] = _peak_rss_mb()
+    return res
+
+
+def engines(have_llamacpp: bool) -> list[str]:
+    out = ["hf fp32", "hf int4 g32"] + [f"fused {s}" for s in SCHEMES] + ["fused gguf q4_0"]
+    if have_llamacpp:
+        out += ["llama.cpp q4_0", "llama.cpp package file"]
+    return out
+
+
+def _have_llamacpp() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def _spinner() -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+def run_child(engine: str, threads: int, paths: dict[str, str], load: bool) -> Optional[dict[str, Any]]:
+    cmd = [sys.executable, __file__, "--worker", engine, "--threads", str(threads), "--paths", json.dumps(paths)]
+    spin = _spinner() if load else None
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    finally:
+        if spin is not None:
+            spin.kill()
+            spin.wait()
+    if out.returncode != 0:
+        print(f"{engine} ({threads} threads) failed:\n{out.stderr[-3000:]}", flush=True)
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------- report
+def table(records: list[dict[str, Any]]) -> str:
+    lines = ["| engine | threads | background load | prefill 512 tok/s | decode tok/s, depth 0 | decode tok/s, depth 512 "
+             "| peak RSS MB | decode vs hf fp32 | decode vs llama.cpp q4_0 |", "|" + "---|" * 9]
+    base = {(r["threads"], r["load"]): r for r in records if r["engine"] == "hf fp32"}
+    lcpp = {(r["threads"], r["load"]): r for r in records if r["engine"] == "llama.cpp q4_0"}
+    for r in records:
+        key = (r["threads"], r["load"])
+        b = base.get(key) or base.get((r["threads"], False))
+        lc = lcpp.get(key)
+        vs_hf = f"{r['decode_d512'] / b['decode_d512']:.1f}x" if b else "-"
+        vs_lc = (f"{r['decode_d0'] / lc['decode_d0']:.2f}x / {r['decode_d512'] / lc['decode_d512']:.2f}x"
+                 if lc else "-")
+        lines.append(
+            f"| {r['engine']} | {r['threads']} | {'1 core busy' if r['load'] else '-'} | {r['prefill_tok_s']:.0f} | "
+            f"{r['decode_d0']:.1f} | {r['decode_d512']:.1f} | {r['peak_rss_mb']:.0f} | {vs_hf} | {vs_lc} |"
+        )
+    return "\n".join(lines)
+
+
+def targets(records: list[dict[str, Any]]) -> list[str]:
+    """The issue's targets, same run: fused int4 g32 against llama.cpp Q4_0."""
+    out = []
+    for r in [r for r in records if r["engine"].startswith("fused") and not r["load"]]:
+        lc = next((x for x in records if x["engine"] == "llama.cpp q4_0" and x["threads"] == r["threads"]
+                   and not x["load"]), None)
+        if lc is None:
+            continue
+        checks = [("decode depth 0", r["decode_d0"] / lc["decode_d0"], 1.0),
+                  ("decode depth 512", r["decode_d512"] / lc["decode_d512"], 1.0),
+                  ("prefill 512", r["prefill_tok_s"] / lc["prefill_tok_s"], 1.0),
+                  ("peak RSS (lower is better)", lc["peak_rss_mb"] * 1.3 / r["peak_rss_mb"], 1.0)]
+        parts = [f"{n} {v:.2f}x {'MET' if v >= t else 'NOT MET'}" for n, v, t in checks]
+        out.append(f"{r['engine']}, {r['threads']} threads vs llama.cpp q4_0: " + "; ".join(parts))
+    return out
+
+
+def markdown(res: dict[str, Any]) -> str:
+    kind, title = cpu_kind(res["machine"])
+    lines = [f"#### {title}", "", machine_summary(res["machine"]), "",
+             f"SmolLM2-135M-Instruct, prompt {PROMPT} tokens, {STEPS} greedy steps per decode figure "
+             "(median step); `python benchmarks/bench_e2e.py`.", "", table(res["records"]), ""]
+    lines += [f"- {t}" for t in res["targets"]] or ["- llama.cpp not installed: no llama.cpp rows"]
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(res: dict[str, Any]) -> None:
+    kind, _ = cpu_kind(res["machine"])
+    readme = REPO / "README.md"
+    text = readme.read_text()
+    text = upsert_marked_section(text, f"bench_e2e:{kind}", markdown(res), ANCHOR)
+    readme.write_text(text)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
+    p.add_argument("--engines", default=None, help="comma-separated subset of the engines")
+    p.add_argument("--background-load", action="store_true", help="also measure with one core kept busy")
+    p.add_argument("--readme", action="store_true", help="rewrite this CPU kind's README section")
+    p.add_argument("--json", default=None, help="write the records here")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--paths", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.worker, int(args.threads), json.loads(args.paths))))
+        return 0
+    paths = prepare()
+    names = engines(_have_llamacpp())
+    if args.engines:
+        names = [n for n in names if n in args.engines.split(",")]
+    records = []
+    for threads in [int(t) for t in args.threads.split(",")]:
+        for load in [False, True] if args.background_load else [False]:
+            for engine in names:
+                if load and not (engine in ("fused int4 g32", "llama.cpp q4_0", "hf fp32")):
+                    continue
+                r = run_child(engine, threads, paths, load)
+                if r is None:
+                    continue
+                r.update(engine=engine, threads=threads, load=load)
+                records.append(r)
+                print(f"{engine:<24} {threads}t{' +load' if load else '      '} prefill {r['prefill_tok_s']:7.0f} tok/s  "
+                      f"decode d0 {r['decode_d0']:6.1f}  d512 {r['decode_d512']:6.1f} tok/s  "
+                      f"RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+    res = {"machine": machine_info(), "records": records}
+    res["targets"] = targets(records)
+    print()
+    print(markdown(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    if args.readme:
+        update_readme(res)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
