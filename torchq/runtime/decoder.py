@@ -24,6 +24,7 @@ __all__ = ["FusedDecoder", "KV_DTYPES"]
 SPEC_VERSION = 1
 KV_DTYPES = (torch.float32, torch.bfloat16)
 _MIN_TABLE = 256
+KV_BLOCK = 16  # positions per key block of the cache (csrc/kernel_api.h)
 _VOCAB: dict[int, int] = {}  # decoder id -> vocabulary size (fake implementation)
 
 
@@ -111,20 +112,23 @@ class FusedDecoder:
         if cached is not None and cached.max_len >= max_len:
             if cached.weights_key == _weights_key(inspect_model(model, max_len)):
                 return cached
-        length = max(_MIN_TABLE, 1 << (max_len - 1).bit_length())
+        length = max(_MIN_TABLE, 1 << (max_len - 1).bit_length())  # a multiple of KV_BLOCK
         limit = getattr(model.config, "max_position_embeddings", None)
         if limit:
             if max_len > limit:
                 raise ValueError(f"{max_len} positions exceed the model's max_position_embeddings ({limit})")
-            length = min(length, limit)
+            length = min(length, -(-limit // KV_BLOCK) * KV_BLOCK)  # caches round up to KV_BLOCK
         decoder = cls(model, length, max_len)
         object.__setattr__(model, "_torchq_fused_decoder", decoder)
         return decoder
 
     def new_cache(self, length: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zeroed static (keys, values) caches of ``length`` positions."""
+        """Zeroed static (keys, values) caches of at least ``length`` positions (rounded up to
+        a multiple of 16). Their layout is the decoder's own (keys blocked by 16 positions):
+        pass them to :meth:`step`, do not read them as (position, head_dim) rows."""
         if dtype not in KV_DTYPES:
             raise ValueError(f"KV cache dtype must be one of {KV_DTYPES}, got {dtype}")
+        length = -(-length // KV_BLOCK) * KV_BLOCK
         if length > self.max_len:
             raise ValueError(f"a cache of {length} positions exceeds this decoder's {self.max_len}")
         a = self.arch

@@ -2,13 +2,16 @@
 // norm and the LM head of one step (M new tokens at positions pos .. pos+M-1) run inside ONE
 // OpenMP parallel region, with a spin-then-yield barrier between dependent stages.
 //
-// Per layer (6 barriers):
+// Per layer (6 barriers). The KV cache holds keys blocked by 16 positions (positions in
+// vector lanes: scores need no horizontal sums) and values as rows (runtime_impl.h).
+//
 //   1. each thread: RMSNorm of the residual stream and the activation preparation of q|k|v
 //      (redundantly: O(M*H), negligible next to the GEMVs, and no barrier);
 //      q|k|v weight tiles, as one virtual concatenation, taken in chunks from a counter;
 //   2. RoPE on q and k, k and v written into the static KV cache;
-//   3. attention, one (row, query head) item at a time (GQA: query head h reads KV head
-//      h / (heads / kv_heads));
+//   3. attention: items (row, KV head, chunk of positions), the KV head's query heads
+//      together so each key and value is read once (GQA); a decode row's positions are split
+//      into chunks whose online-softmax partials every thread then merges for itself;
 //   4. o_proj tiles, each chunk added into the residual stream by the thread that computed it;
 //   5. RMSNorm, gate and up tiles paired so SiLU(gate)*up is formed in the same chunk;
 //   6. down_proj tiles plus residual.
@@ -53,7 +56,7 @@ enum LinKind : int64_t { LK_DENSE = 0, LK_INT4 = 1, LK_INT8 = 2, LK_W4A8 = 3, LK
 enum LinFlag : int64_t { LF_ZERO = 1, LF_BIAS = 2, LF_LUT = 4, LF_ACT_SCALE = 8, LF_PERM = 16 };
 constexpr int64_t kSpecVersion = 1;
 constexpr int64_t kLinearsPerLayer = 7;  // q k v o gate up down
-constexpr int64_t kMaxHeadDim = 1024;    // attend()'s row buffer
+constexpr int64_t kMaxHeadDim = 1024;    // rope()'s row buffer
 
 struct Linear {
   int64_t kind = LK_DENSE;
@@ -112,7 +115,9 @@ struct ThreadBufs {
   std::vector<uint8_t> xabs[3];
   std::vector<int32_t> qsum[3];
   std::vector<float> gemm;     // gemm_scratch_floats()
-  std::vector<float> scores;   // max_len
+  std::vector<float> scores;   // attention scores of one item
+  std::vector<int64_t> tlim;   // per-query position limits of one item
+  std::vector<float> att;      // merged attention output (M, heads * hd)
 };
 
 struct Decoder {
@@ -126,7 +131,8 @@ struct Decoder {
   std::vector<at::Tensor> keep;  // the model's tensors (and fp32 views), alive with the decoder
   std::mutex mu;                 // one step at a time per decoder
   // shared step buffers
-  std::vector<float> x, q, k, v, att, tmp, g, u, act;
+  std::vector<float> x, q, k, v, tmp, g, u, act;
+  std::vector<float> part_out, part_mx, part_sum;  // attention partials (M, kv heads, chunks, group)
   std::vector<ThreadBufs> tb;
   int64_t max_kp = 0, max_g = 0;
 };
@@ -437,6 +443,8 @@ at::Tensor decoder_step(int64_t id, const at::Tensor& x_in, at::Tensor& k_cache,
   const int64_t cache_len = k_cache.dim() == 4 ? k_cache.size(2) : 0;
   TORCH_CHECK(cache_len <= d.max_len, "torchq: a KV cache of ", cache_len, " positions is longer than the rotary table (",
               d.max_len, " positions)");
+  TORCH_CHECK(cache_len % KV_BLOCK == 0, "torchq: the KV cache length must be a multiple of ", KV_BLOCK, ", got ",
+              cache_len);
   TORCH_CHECK(pos >= 0 && pos + M <= cache_len, "torchq: positions ", pos, "..", pos + M - 1,
               " do not fit the KV cache of ", cache_len, " positions");
   const std::vector<int64_t> cache_shape{d.L, d.nkv, cache_len, d.hd};
@@ -453,7 +461,21 @@ at::Tensor decoder_step(int64_t id, const at::Tensor& x_in, at::Tensor& k_cache,
   float* qb = grow(d.q, M * qd);
   float* kb = grow(d.k, M * kvd);
   float* vb = grow(d.v, M * kvd);
-  float* att = grow(d.att, M * qd);
+  const int64_t G = d.nh / d.nkv;
+  // attention items: one decode row splits its positions into chunks (online-softmax partials
+  // merged afterwards) so that every thread has work; prefill rows are items of their own
+  const int nt_req = at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads());
+  int64_t chunk_len = cache_len, n_chunks = 1;
+  if (M == 1) {
+    const int64_t T = pos + 1;
+    const int64_t want = std::max<int64_t>(1, (4 * nt_req + d.nkv - 1) / d.nkv);
+    n_chunks = std::min<int64_t>(want, (T + 63) / 64);
+    chunk_len = ((T + n_chunks - 1) / n_chunks + KV_BLOCK - 1) / KV_BLOCK * KV_BLOCK;
+    n_chunks = (T + chunk_len - 1) / chunk_len;
+  }
+  float* part_out = grow(d.part_out, M * d.nkv * n_chunks * G * d.hd);
+  float* part_mx = grow(d.part_mx, M * d.nkv * n_chunks * G);
+  float* part_sum = grow(d.part_sum, M * d.nkv * n_chunks * G);
   float* tmp = grow(d.tmp, M * H);
   float* gb = grow(d.g, M * I);
   float* ub = grow(d.u, M * I);
@@ -461,14 +483,16 @@ at::Tensor decoder_step(int64_t id, const at::Tensor& x_in, at::Tensor& k_cache,
   at::Tensor logits = at::empty({d.vocab}, xf.options());
   float* lg = logits.data_ptr<float>();
 
-  const int nt = at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads());
+  const int nt = nt_req;
   if ((int)d.tb.size() < nt) d.tb.resize(nt);
   const int64_t kmax = std::max(std::max(H, I), std::max(qd, d.max_kp));
   for (int t = 0; t < nt; ++t) {
     ThreadBufs& b = d.tb[t];
     grow(b.h, M * kmax);
     grow(b.gemm, gemm_scratch_floats());
-    grow(b.scores, cache_len);
+    grow(b.scores, G * (std::min(chunk_len, cache_len) + KV_BLOCK));
+    grow(b.tlim, G);
+    grow(b.att, M * qd);
     for (int s = 0; s < 3; ++s) {  // the region must not allocate: size every slot now
       grow(b.xt[s], M * d.max_kp);
       grow(b.xp[s], M * d.max_kp);
@@ -487,7 +511,6 @@ at::Tensor decoder_step(int64_t id, const at::Tensor& x_in, at::Tensor& k_cache,
   uint8_t* kc_base = (uint8_t*)k_cache.data_ptr();
   uint8_t* vc_base = (uint8_t*)v_cache.data_ptr();
   const int64_t kv_es = kv_dt == DT_F32 ? 4 : 2;
-  const int64_t group_ratio = d.nh / d.nkv;
 
 #pragma omp parallel num_threads(nt)
   {
@@ -496,6 +519,7 @@ at::Tensor decoder_step(int64_t id, const at::Tensor& x_in, at::Tensor& k_cache,
     bar.n.store(team, std::memory_order_relaxed);
     ThreadBufs& tb = d.tb[tid];
     float* h = tb.h.data();
+    float* att = tb.att.data();
     int64_t ci = 0;  // counter index: every thread walks the same sequence of stages
     for (int64_t l = 0; l < d.L; ++l) {
       const Layer& ly = d.layers[l];
@@ -537,16 +561,16 @@ at::Tensor decoder_step(int64_t id, const at::Tensor& x_in, at::Tensor& k_cache,
             float* kr = kb + m * kvd + j * hd;
             const float* vr = vb + m * kvd + j * hd;
             rope(kr, c, s, hd);
-            const int64_t off = (((l * d.nkv) + j) * cache_len + p) * hd;
+            const int64_t head = ((l * d.nkv) + j) * cache_len * hd;
+            const int64_t voff = head + p * hd;  // values: rows
+            const int64_t koff = head + (p / KV_BLOCK) * hd * KV_BLOCK + p % KV_BLOCK;  // keys: blocked
             if (kv_dt == DT_F32) {
-              std::memcpy((float*)kc_base + off, kr, sizeof(float) * hd);
-              std::memcpy((float*)vc_base + off, vr, sizeof(float) * hd);
+              for (int64_t i = 0; i < hd; ++i) ((float*)kc_base)[koff + i * KV_BLOCK] = kr[i];
+              std::memcpy((float*)vc_base + voff, vr, sizeof(float) * hd);
             } else {
-              uint16_t* kd = (uint16_t*)kc_base + off;
-              uint16_t* vd = (uint16_t*)vc_base + off;
               for (int64_t i = 0; i < hd; ++i) {
-                kd[i] = f32_to_bf16(kr[i]);
-                vd[i] = f32_to_bf16(vr[i]);
+                ((uint16_t*)kc_base)[koff + i * KV_BLOCK] = f32_to_bf16(kr[i]);
+                ((uint16_t*)vc_base)[voff + i] = f32_to_bf16(vr[i]);
               }
             }
           }
@@ -554,24 +578,52 @@ at::Tensor decoder_step(int64_t id, const at::Tensor& x_in, at::Tensor& k_cache,
       }
       ++ci;
       bar.wait();
-      // 3. attention: (row, query head) items over positions 0 .. pos+m
+      // 3. attention: items (row, KV head, position chunk); the group's query heads share
+      // every key and value read
       {
-        const int64_t total = M * d.nh;
+        const int64_t total = M * d.nkv * n_chunks;
         for_chunks(ctr[ci], total, 1, [&](int64_t a, int64_t b) {
           for (int64_t it = a; it < b; ++it) {
-            const int64_t m = it / d.nh, hh = it % d.nh, j = hh / group_ratio;
+            const int64_t c = it % n_chunks, j = (it / n_chunks) % d.nkv, m = it / (n_chunks * d.nkv);
+            const int64_t T = pos + m + 1, t0 = c * chunk_len, t1 = std::min(T, t0 + chunk_len);
             const int64_t base = ((l * d.nkv) + j) * cache_len * hd * kv_es;
-            kt->attend(qb + m * qd + hh * hd, kc_base + base, vc_base + base, kv_dt, hd, pos + m + 1, hd, d.scale,
-                       tb.scores.data(), att + m * qd + hh * hd);
+            for (int64_t g = 0; g < G; ++g) tb.tlim[g] = T;
+            const int64_t slot = ((m * d.nkv + j) * n_chunks + c) * G;
+            kt->attend_part(qb + m * qd + j * G * hd, hd, (int)G, tb.tlim.data(), kc_base + base, vc_base + base,
+                            kv_dt, hd, t0, t1, d.scale, tb.scores.data(), part_out + slot * hd, hd, part_mx + slot,
+                            part_sum + slot);
           }
         });
       }
       ++ci;
       bar.wait();
+      // every thread merges the partials into its own copy of the attention output
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t hh = 0; hh < d.nh; ++hh) {
+          const int64_t j = hh / G, g = hh % G;
+          float mxall = -INFINITY;
+          for (int64_t c = 0; c < n_chunks; ++c) {
+            const int64_t slot = ((m * d.nkv + j) * n_chunks + c) * G + g;
+            if (part_sum[slot] > 0.f) mxall = std::max(mxall, part_mx[slot]);
+          }
+          float* o = att + m * qd + hh * hd;
+          float denom = 0.f;
+          for (int64_t i = 0; i < hd; ++i) o[i] = 0.f;
+          for (int64_t c = 0; c < n_chunks; ++c) {
+            const int64_t slot = ((m * d.nkv + j) * n_chunks + c) * G + g;
+            if (!(part_sum[slot] > 0.f)) continue;
+            const float w = n_chunks == 1 ? 1.f : std::exp(part_mx[slot] - mxall);
+            denom += w * part_sum[slot];
+            const float* po = part_out + slot * hd;
+            for (int64_t i = 0; i < hd; ++i) o[i] += w * po[i];
+          }
+          const float inv = 1.f / denom;
+          for (int64_t i = 0; i < hd; ++i) o[i] *= inv;
+        }
       // 4. o_proj + residual
       {
         const Linear& lo = ly.lin[LO];
-        const Prepped po = prep_acts(kt, lo, att, M, qd, tb, 0);
+        const Prepped po = prep_acts(kt, lo, att, M, qd, tb, 0);  // this thread's merged copy
         for_chunks(ctr[ci], lo.tiles(), chunk_for(lo.tiles(), team), [&](int64_t a, int64_t b) {
           run_tiles(kt, lo, po, tmp, H, a, b, tb);
           const int64_t n1 = std::min(H, b * TILE);

@@ -12,6 +12,7 @@ enum DType : int32_t { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
 enum ZeroKind : int32_t { ZK_NONE = 0, ZK_INT = 1, ZK_FLOAT = 2 };
 enum WeightKind : int32_t { WK_INT4 = 0, WK_INT8 = 1, WK_CB4 = 2 };
 constexpr int TILE = 16;  // output rows per weight tile (one zmm / two ymm of fp32 lanes)
+constexpr int KV_BLOCK = 16;  // positions per key block of the decoder's KV cache (runtime_impl.h)
 
 // A quantized weight in a tiled kernel layout (see torchq/kernels/cpu_layouts.py).
 // Rows are grouped in tiles of 16; the last tile may be partial (`tail_*` point to a
@@ -95,10 +96,12 @@ struct KernelTable {
   // y[m][n] = x[m] . w[n] (+ bias[n]) for m < M.
   void (*dense_f32)(const float* w, int64_t K, int64_t n0, int64_t n1, const float* x, int64_t M, int64_t ldx,
                     const float* bias, float* y, int64_t ldy);
-  // One query head over T cached positions (rows of hd <= 1024 values, stride ldkv, fp32 or
-  // bf16): out = sum_t softmax_t(scale * q . k_t) v_t; scores: T floats of scratch.
-  void (*attend)(const float* q, const void* k, const void* v, int32_t kv_dt, int64_t ldkv, int64_t T, int64_t hd,
-                 float scale, float* scores, float* out);
+  // Partial attention of nq queries over cached positions [t0, t1) of one KV head (keys
+  // blocked by KV_BLOCK positions, values as rows; fp32 or bf16), query i limited to t < tlim[i]:
+  // unnormalized out, max and exp-sum per query (online-softmax partials).
+  void (*attend_part)(const float* q, int64_t ldq, int nq, const int64_t* tlim, const void* kc, const void* vc,
+                      int32_t kv_dt, int64_t hd, int64_t t0, int64_t t1, float scale, float* s, float* out,
+                      int64_t ldo, float* mx, float* sum);
 };
 
 const KernelTable* table_scalar();

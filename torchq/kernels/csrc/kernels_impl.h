@@ -818,7 +818,7 @@ static void dequant_t(const QWeight& q, int32_t kind, int64_t t0, int64_t t1, in
 
 const KernelTable kTable = {
     TQ_TABLE_NAME, prep_int4_gemv, prep_bf16, prep_f32, quant_act, int4_wo, int8_wo, w4a8, w8a8, cb4_wo, dequant_t,
-    dense_f32,      attend,
+    dense_f32,      attend_part,
 };
 
 }  // namespace
