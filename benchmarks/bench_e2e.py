@@ -43,7 +43,13 @@ from typing import Any, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import cpu_kind, machine_info, machine_summary, upsert_marked_section  # noqa: E402
+
+
+def _common():
+    """benchmarks.common (imports torch: parent process only, never a llama.cpp child)."""
+    from benchmarks import common
+
+    return common
 
 PROMPT = 512
 STEPS = 32
@@ -75,7 +81,8 @@ def prepare(log=print) -> dict[str, str]:
     key = f"{os.path.getsize(src)}-{torchq.__version__}"
     paths = {name: str(CACHE_DIR / f"smollm2-{name.replace(' ', '_')}-{key}") for name in SCHEMES}
     paths["gguf q4_0"] = str(CACHE_DIR / f"smollm2-q4_0-{key}.gguf")
-    missing = [n for n, p in paths.items() if not os.path.exists(p)]
+    paths["source"] = src
+    missing = [n for n, p in paths.items() if n != "source" and not os.path.exists(p)]
     if missing:
         f = GGUFFile(src)
         tok = f.tokenizer()
@@ -100,11 +107,19 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _prompt_ids(tokenizer) -> list[int]:
+def prompt_ids() -> list[int]:
+    """The 512 prompt tokens (held-out text, SmolLM2's tokenizer), computed by the parent."""
     from torchq.eval import default_text
+    from torchq.interop.gguf import GGUFFile
 
+    tokenizer = GGUFFile(_source_gguf()).tokenizer()
     ids = tokenizer(default_text(20000), add_special_tokens=False).input_ids
-    return list(ids[:PROMPT])
+    return [int(t) for t in ids[:PROMPT]]
+
+
+def _current_rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _measure(prefill, step, ids: list[int]) -> dict[str, float]:
@@ -133,7 +148,7 @@ def _measure(prefill, step, ids: list[int]) -> dict[str, float]:
     return out
 
 
-def _run_hf(model, tokenizer) -> dict[str, float]:
+def _run_hf(model, ids: list[int]) -> dict[str, float]:
     import torch
 
     from torchq.bench import cache_argument
@@ -151,10 +166,10 @@ def _run_hf(model, tokenizer) -> dict[str, float]:
         return forward(ids)
 
     with torch.inference_mode():
-        return _measure(prefill, lambda tok, pos: forward([tok]), _prompt_ids(tokenizer))
+        return _measure(prefill, lambda tok, pos: forward([tok]), ids)
 
 
-def _run_fused(model, tokenizer) -> dict[str, float]:
+def _run_fused(model, ids: list[int]) -> dict[str, float]:
     import torch
 
     from torchq.runtime import FusedDecoder
@@ -173,14 +188,15 @@ def _run_fused(model, tokenizer) -> dict[str, float]:
         return int(decoder.step(torch.tensor([tok]), k, v, pos).argmax())
 
     with torch.inference_mode():
-        return _measure(prefill, step, _prompt_ids(tokenizer))
+        return _measure(prefill, step, ids)
 
 
-def _run_llamacpp(path: str, threads: int, tokenizer) -> dict[str, float]:
+def _run_llamacpp(path: str, threads: int, ids: list[int]) -> dict[str, float]:
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=path, n_ctx=PROMPT + STEPS + 16, n_batch=PROMPT, n_threads=threads,
-                          n_threads_batch=threads, verbose=False)
+    n_ctx = PROMPT + STEPS + 16  # n_batch = n_ctx: llama-cpp-python keeps the last logits at row n_tokens - 1
+    llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads, n_threads_batch=threads,
+                          verbose=False)
 
     def prefill(ids):
         llm.reset()
@@ -191,33 +207,44 @@ def _run_llamacpp(path: str, threads: int, tokenizer) -> dict[str, float]:
         llm.eval([tok])
         return int(llm.scores[llm.n_tokens - 1].argmax())
 
-    return _measure(prefill, step, _prompt_ids(tokenizer))
+    return _measure(prefill, step, ids)
 
 
-def worker(engine: str, threads: int, paths: dict[str, str]) -> dict[str, Any]:
-    import torch
+def worker(engine: str, threads: int, paths: dict[str, str], ids: list[int]) -> dict[str, Any]:
+    """One engine in this (child) process. llama.cpp rows import neither torch nor torchq, so
+    their RSS is llama.cpp's own; ``base_rss_mb`` is the RSS before the model loads (the
+    interpreter and the engine's libraries)."""
+    if engine.startswith("llama.cpp"):
+        import llama_cpp  # noqa: F401
 
-    torch.set_num_threads(threads)
-    import torchq
-    from torchq.interop.gguf import GGUFFile
-
-    tokenizer = GGUFFile(_source_gguf()).tokenizer()
-    if engine == "hf fp32":
-        model, _ = GGUFFile(_source_gguf()).model(keep_quantized=False)
-        res = _run_hf(model, tokenizer)
-    elif engine == "hf int4 g32":
-        res = _run_hf(torchq.from_pretrained(paths["int4 g32"]), tokenizer)
-    elif engine.startswith("fused "):
-        name = engine[len("fused "):]
-        res = _run_fused(torchq.from_pretrained(paths[name]), tokenizer)
-    elif engine == "llama.cpp q4_0":
-        res = _run_llamacpp(paths["gguf q4_0"], threads, tokenizer)
-    elif engine == "llama.cpp package file":
-        res = _run_llamacpp(_source_gguf(), threads, tokenizer)
+        base = _current_rss_mb()
+        res = _run_llamacpp(paths["gguf q4_0"] if engine == "llama.cpp q4_0" else _source_gguf_path(paths), threads,
+                            ids)
     else:
-        raise SystemExit(f"unknown engine {engine!r}")
+        import torch
+
+        torch.set_num_threads(threads)
+        import torchq
+        import transformers  # noqa: F401
+        from torchq.interop.gguf import GGUFFile
+
+        base = _current_rss_mb()
+        if engine == "hf fp32":
+            model, _ = GGUFFile(_source_gguf_path(paths)).model(keep_quantized=False)
+            res = _run_hf(model, ids)
+        elif engine == "hf int4 g32":
+            res = _run_hf(torchq.from_pretrained(paths["int4 g32"]), ids)
+        elif engine.startswith("fused "):
+            res = _run_fused(torchq.from_pretrained(paths[engine[len("fused "):]]), ids)
+        else:
+            raise SystemExit(f"unknown engine {engine!r}")
     res["peak_rss_mb"] = _peak_rss_mb()
+    res["base_rss_mb"] = base
     return res
+
+
+def _source_gguf_path(paths: dict[str, str]) -> str:
+    return paths["source"]
 
 
 def engines(have_llamacpp: bool) -> list[str]:
@@ -238,7 +265,8 @@ def _spinner() -> subprocess.Popen:
 
 
 def run_child(engine: str, threads: int, paths: dict[str, str], load: bool) -> Optional[dict[str, Any]]:
-    cmd = [sys.executable, __file__, "--worker", engine, "--threads", str(threads), "--paths", json.dumps(paths)]
+    cmd = [sys.executable, __file__, "--worker", engine, "--threads", str(threads), "--paths", json.dumps(paths),
+           "--ids", paths["ids_file"]]
     spin = _spinner() if load else None
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
@@ -290,8 +318,8 @@ def targets(records: list[dict[str, Any]]) -> list[str]:
 
 
 def markdown(res: dict[str, Any]) -> str:
-    kind, title = cpu_kind(res["machine"])
-    lines = [f"#### {title}", "", machine_summary(res["machine"]), "",
+    kind, title = _common().cpu_kind(res["machine"])
+    lines = [f"#### {title}", "", _common().machine_summary(res["machine"]), "",
              f"SmolLM2-135M-Instruct, prompt {PROMPT} tokens, {STEPS} greedy steps per decode figure "
              "(median step); `python benchmarks/bench_e2e.py`.", "", table(res["records"]), ""]
     lines += [f"- {t}" for t in res["targets"]] or ["- llama.cpp not installed: no llama.cpp rows"]
@@ -299,10 +327,10 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def update_readme(res: dict[str, Any]) -> None:
-    kind, _ = cpu_kind(res["machine"])
+    kind, _ = _common().cpu_kind(res["machine"])
     readme = REPO / "README.md"
     text = readme.read_text()
-    text = upsert_marked_section(text, f"bench_e2e:{kind}", markdown(res), ANCHOR)
+    text = _common().upsert_marked_section(text, f"bench_e2e:{kind}", markdown(res), ANCHOR)
     readme.write_text(text)
 
 
@@ -315,11 +343,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--json", default=None, help="write the records here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--paths", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--ids", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, int(args.threads), json.loads(args.paths))))
+        ids = json.loads(Path(args.ids).read_text())
+        print(json.dumps(worker(args.worker, int(args.threads), json.loads(args.paths), ids)))
         return 0
     paths = prepare()
+    ids_file = CACHE_DIR / "prompt_ids.json"
+    ids_file.write_text(json.dumps(prompt_ids()))
+    paths["ids_file"] = str(ids_file)
     names = engines(_have_llamacpp())
     if args.engines:
         names = [n for n in names if n in args.engines.split(",")]
@@ -337,7 +370,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 print(f"{engine:<24} {threads}t{' +load' if load else '      '} prefill {r['prefill_tok_s']:7.0f} tok/s  "
                       f"decode d0 {r['decode_d0']:6.1f}  d512 {r['decode_d512']:6.1f} tok/s  "
                       f"RSS {r['peak_rss_mb']:.0f} MB", flush=True)
-    res = {"machine": machine_info(), "records": records}
+    res = {"machine": _common().machine_info(), "records": records}
     res["targets"] = targets(records)
     print()
     print(markdown(res))

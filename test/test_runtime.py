@@ -283,3 +283,29 @@ def test_unsupported_models_raise_naming_the_feature():
         generate(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)), torch.tensor([[1]]), 2)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         generate(base, torch.ones(1, 250, dtype=torch.long), max_new_tokens=10)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+def test_embedding_rows_in_the_step_equal_the_module(scheme, tied):
+    """Token ids go into the step, which looks up (and dequantizes) embedding rows itself:
+    bit-identical to the model's own embedding lookup."""
+    model = quantized(llama(vocab=100, tie_word_embeddings=tied), scheme)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    d = FusedDecoder.for_model(model, 16)
+    ids = torch.tensor([0, 99, 17, 16, 15, 64, 3])
+    k, v = d.new_cache(16)
+    if scheme == "w8a8":  # its layout has no row dequantizer: the module looks rows up (step() does)
+        assert not d.native_embedding or not tied
+        if not d.native_embedding:
+            with pytest.raises(RuntimeError, match="no embedding"):
+                torch.ops.torchq.decoder_step(d.handle, ids, k, v, 0)
+            return
+    assert d.native_embedding
+    native = torch.ops.torchq.decoder_step(d.handle, ids, k, v, 0)
+    with torch.no_grad():
+        x = model.model.embed_tokens(ids).float()
+    k2, v2 = d.new_cache(16)
+    assert torch.equal(torch.ops.torchq.decoder_step(d.handle, x, k2, v2, 0), native)
+    with pytest.raises(RuntimeError, match="outside the vocabulary"):
+        torch.ops.torchq.decoder_step(d.handle, torch.tensor([100]), k, v, 0)

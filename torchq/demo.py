@@ -13,8 +13,9 @@ to ``--out``.
 The demo runs whatever kernel each weight selects (the C++ kernels once built; where the
 build fails, the plain-PyTorch references, whose decode runs stop after
 ``--max-decode-seconds``). The int4 model also decodes through ``torch.compile`` with a
-static KV cache (``--no-compile`` skips it). Only ratios within one run mean anything on a
-shared host.
+static KV cache (``--no-compile`` skips it) and through ``torchq.generate``'s fused decoder
+(the "fused" row: one native call per token, :mod:`torchq.runtime`). Only ratios within one
+run mean anything on a shared host.
 """
 
 from __future__ import annotations

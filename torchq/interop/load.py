@@ -68,7 +68,26 @@ def _load_transformers(path, dtype, **kw):
     from .. import integrations  # noqa: F401  (registers quant_method "torchq")
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+    _release_file_mapping(model)
     return model.eval()
+
+
+def _release_file_mapping(model: nn.Module) -> None:
+    """Copy the plain (unquantized) parameters of a quantized model out of the checkpoint.
+
+    transformers loads safetensors through a private mapping of the file, and a plain tensor
+    (a norm weight) is a view into it: one such view keeps every page of the file resident,
+    although the quantized codes were already copied into their kernel layouts (SmolLM2 int4:
+    84 MB of RSS for nothing). The copies are the model's small float tensors only."""
+    from ..tensors import TorchqTensor
+
+    params = list(model.named_parameters())
+    if not any(isinstance(p, TorchqTensor) for _, p in params):
+        return  # a float model: its tensors are the file's pages, nothing to gain
+    with torch.no_grad():
+        for _, p in params:
+            if not isinstance(p, TorchqTensor):
+                p.data = p.data.clone()
 
 
 def _load_legacy(path, dtype, **kw):

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..kernels import cpu_ext
 from .architecture import DecoderArchitecture, inspect_model, rope_tables
-from .weights import UnsupportedModelError, linear_spec
+from .weights import CB4, DENSE, INT4, INT8, W4A8, UnsupportedModelError, decoder_kind, linear_spec
 
 __all__ = ["FusedDecoder", "KV_DTYPES"]
 
@@ -30,7 +30,7 @@ _VOCAB: dict[int, int] = {}  # decoder id -> vocabulary size (fake implementatio
 
 def _register_fake() -> None:
     @torch.library.register_fake("torchq::decoder_step")
-    def _decoder_step(decoder, x, k_cache, v_cache, pos):
+    def _decoder_step(decoder, x, k_cache, v_cache, pos):  # x: token ids (M,) or hidden states (M, H)
         return x.new_empty((_VOCAB[decoder],), dtype=torch.float32)
 
 
@@ -53,6 +53,24 @@ def _weights_key(arch: DecoderArchitecture) -> tuple:
         mods += [getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
         mods += [getattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]
     return tuple((id(m.weight), getattr(m, "bias", None) is not None and id(m.bias)) for m in mods)
+
+
+class _Rows:
+    """A weight viewed as a bias-free linear (the embedding's spec entry)."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+        self.bias = None
+
+
+def _embeddable(w: torch.Tensor) -> bool:
+    """Whether decode.cpp looks up rows of ``w`` itself (else the embedding module does)."""
+    try:
+        kind = decoder_kind(w, "embedding").kind
+    except UnsupportedModelError:
+        return False
+    extras = getattr(w, "act_scale", None) is not None or getattr(w, "perm", None) is not None
+    return kind in (DENSE, INT4, INT8, W4A8, CB4) and not extras
 
 
 class FusedDecoder:
@@ -93,9 +111,26 @@ class FusedDecoder:
         ints += li
         tensors += lt
         self.kinds["lm_head"] = label
+        ei, et, self.native_embedding = self._embedding_spec(arch)
+        ints += ei
+        tensors += et
         self.handle = int(torch.ops.torchq._decoder_create(tensors, ints, [arch.eps, arch.scale]))
         _VOCAB[self.handle] = arch.vocab
         self._finalizer = weakref.finalize(self, _free, self.handle)
+
+    @staticmethod
+    def _embedding_spec(arch: DecoderArchitecture) -> tuple[list[int], list[torch.Tensor], bool]:
+        """The token embedding looked up inside the step (fp32 rows, or int4 / int8 / codebook
+        rows dequantized as the eager lookup does), or (mode 0) by the module in Python."""
+        w = arch.embed.weight
+        if w is arch.lm_head.weight:
+            if _embeddable(w):
+                return [1], [], True
+            return [0], [], False
+        if not _embeddable(w):
+            return [0], [], False
+        li, lt, _ = linear_spec(_Rows(w), "model.embed_tokens")
+        return [2] + li, lt, True
 
     @staticmethod
     def _norm_weight(norm: nn.Module, where: str) -> torch.Tensor:
@@ -137,6 +172,9 @@ class FusedDecoder:
 
     def step(self, ids: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int) -> torch.Tensor:
         """Logits (vocab,) of the last of ``ids`` (1-D LongTensor) at positions ``pos`` onward."""
+        ids = ids.reshape(-1)
+        if self.native_embedding:
+            return torch.ops.torchq.decoder_step(self.handle, ids, k_cache, v_cache, pos)
         with torch.no_grad():
-            x = self.embed(ids.reshape(-1)).to(torch.float32)
-            return torch.ops.torchq.decoder_step(self.handle, x, k_cache, v_cache, pos)
+            x = self.embed(ids).to(torch.float32)
+        return torch.ops.torchq.decoder_step(self.handle, x, k_cache, v_cache, pos)

@@ -118,6 +118,7 @@ struct ThreadBufs {
   std::vector<float> scores;   // attention scores of one item
   std::vector<int64_t> tlim;   // per-query position limits of one item
   std::vector<float> att;      // merged attention output (M, heads * hd)
+  std::vector<float> emb;      // one dequantized weight tile (hidden, 16): embedding lookups
 };
 
 struct Decoder {
@@ -128,6 +129,11 @@ struct Decoder {
   std::vector<Layer> layers;
   const float* final_norm = nullptr;
   Linear head;
+  // Token embedding looked up here (decoder_step given token ids): none (the caller passes
+  // hidden states), the LM head's own weight (tied), or a weight of its own.
+  int64_t embed_mode = 0;
+  Linear embed;
+  const Linear* embed_w() const { return embed_mode == 1 ? &head : &embed; }
   std::vector<at::Tensor> keep;  // the model's tensors (and fp32 views), alive with the decoder
   std::mutex mu;                 // one step at a time per decoder
   // shared step buffers
@@ -135,6 +141,7 @@ struct Decoder {
   std::vector<float> part_out, part_mx, part_sum;  // attention partials (M, kv heads, chunks, group)
   std::vector<ThreadBufs> tb;
   int64_t max_kp = 0, max_g = 0;
+  bool any_transform = false, any_dynamic = false, any_weight_only = false;  // which prep buffers exist
 };
 
 std::mutex g_registry_mu;
@@ -254,11 +261,22 @@ int64_t decoder_create(const std::vector<at::Tensor>& tensors, c10::IntArrayRef 
   }
   d->final_norm = f32_vector(r.next_tensor("final norm"), d->H, "final norm weight");
   d->head = read_linear(r, d->vocab, d->H, "lm_head");
+  d->embed_mode = r.next_int();
+  TORCH_CHECK(d->embed_mode >= 0 && d->embed_mode <= 2, "torchq: decoder embedding mode ", d->embed_mode);
+  if (d->embed_mode == 2) d->embed = read_linear(r, d->vocab, d->H, "embed_tokens");
+  if (d->embed_mode) {
+    const Linear& e = *d->embed_w();
+    TORCH_CHECK(e.kind != LK_W8A8 && !e.act_scale && !e.perm && e.K_in == d->H,
+                "torchq: decoder embedding must be fp32, int4, int8 or codebook rows without act_scale / perm");
+  }
   TORCH_CHECK(r.ii == ints.size() && r.ti == tensors.size(), "torchq: decoder spec has ", ints.size() - r.ii,
               " integers and ", tensors.size() - r.ti, " tensors left over");
   auto track = [&](const Linear& l) {
     d->max_kp = std::max(d->max_kp, std::max(l.Kp, l.K_in));
     if (l.group > 0) d->max_g = std::max(d->max_g, (l.Kp + l.group - 1) / l.group);
+    d->any_transform |= l.act_scale || l.perm;
+    d->any_dynamic |= l.kind == LK_W4A8 || l.kind == LK_W8A8;
+    d->any_weight_only |= l.kind == LK_INT4 || l.kind == LK_INT8 || l.kind == LK_CB4;
   };
   for (const Layer& ly : d->layers)
     for (const Linear& l : ly.lin) track(l);
@@ -437,8 +455,11 @@ at::Tensor decoder_step(int64_t id, const at::Tensor& x_in, at::Tensor& k_cache,
   std::shared_ptr<Decoder> dp = lookup(id);
   Decoder& d = *dp;
   std::lock_guard<std::mutex> lock(d.mu);
-  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == d.H && x_in.size(0) > 0,
-              "torchq: decoder_step takes hidden states (M, ", d.H, "), got ", x_in.sizes());
+  const bool ids_in = x_in.scalar_type() == at::kLong;
+  TORCH_CHECK(ids_in ? (x_in.dim() == 1 && x_in.size(0) > 0) : (x_in.dim() == 2 && x_in.size(1) == d.H && x_in.size(0) > 0),
+              "torchq: decoder_step takes token ids (M,) int64 or hidden states (M, ", d.H, "), got ", x_in.scalar_type(),
+              " ", x_in.sizes());
+  TORCH_CHECK(!ids_in || d.embed_mode, "torchq: this decoder has no embedding: pass hidden states");
   const int64_t M = x_in.size(0);
   const int64_t cache_len = k_cache.dim() == 4 ? k_cache.size(2) : 0;
   TORCH_CHECK(cache_len <= d.max_len, "torchq: a KV cache of ", cache_len, " positions is longer than the rotary table (",
@@ -455,9 +476,18 @@ at::Tensor decoder_step(int64_t id, const at::Tensor& x_in, at::Tensor& k_cache,
                 "torchq: KV caches must be contiguous fp32 or bf16 CPU tensors of shape ", c10::IntArrayRef(cache_shape));
   const int32_t kv_dt = k_cache.scalar_type() == at::kFloat ? DT_F32 : DT_BF16;
   const int64_t H = d.H, qd = d.nh * d.hd, kvd = d.nkv * d.hd, I = d.I, hd = d.hd;
-  const at::Tensor xf = x_in.to(at::kFloat).contiguous();
   float* x = grow(d.x, M * H);
-  std::memcpy(x, xf.data_ptr<float>(), sizeof(float) * M * H);
+  at::Tensor ids;
+  if (ids_in) {
+    ids = x_in.contiguous();
+    const int64_t* ip = ids.data_ptr<int64_t>();
+    for (int64_t m = 0; m < M; ++m)
+      TORCH_CHECK(ip[m] >= 0 && ip[m] < d.vocab, "torchq: token id ", ip[m], " outside the vocabulary of ", d.vocab);
+  } else {
+    const at::Tensor xf = x_in.to(at::kFloat).contiguous();
+    std::memcpy(x, xf.data_ptr<float>(), sizeof(float) * M * H);
+  }
+  const int64_t* id_ptr = ids_in ? ids.data_ptr<int64_t>() : nullptr;
   float* qb = grow(d.q, M * qd);
   float* kb = grow(d.k, M * kvd);
   float* vb = grow(d.v, M * kvd);
@@ -480,7 +510,7 @@ at::Tensor decoder_step(int64_t id, const at::Tensor& x_in, at::Tensor& k_cache,
   float* gb = grow(d.g, M * I);
   float* ub = grow(d.u, M * I);
   float* act = grow(d.act, M * I);
-  at::Tensor logits = at::empty({d.vocab}, xf.options());
+  at::Tensor logits = at::empty({d.vocab}, at::TensorOptions().dtype(at::kFloat));
   float* lg = logits.data_ptr<float>();
 
   const int nt = nt_req;
@@ -493,17 +523,26 @@ at::Tensor decoder_step(int64_t id, const at::Tensor& x_in, at::Tensor& k_cache,
     grow(b.scores, G * (std::min(chunk_len, cache_len) + KV_BLOCK));
     grow(b.tlim, G);
     grow(b.att, M * qd);
-    for (int s = 0; s < 3; ++s) {  // the region must not allocate: size every slot now
-      grow(b.xt[s], M * d.max_kp);
-      grow(b.xp[s], M * d.max_kp);
-      grow(b.xsum[s], M * std::max<int64_t>(1, d.max_g));
+    if (ids_in && d.embed_w()->kind != LK_DENSE) grow(b.emb, TILE * H);
+    // the region must not allocate: size every slot it can use now (and only those: a
+    // 256-row prefill on the GEMM path needs no prepared copies of its activations)
+    const bool gemv = M < std::max(torchq_ops::gemm_min_m(true), torchq_ops::gemm_min_m(false));
+    const int64_t kp = M * d.max_kp, gs = M * std::max<int64_t>(1, d.max_g);
+    for (int s = 0; s < 3; ++s) {
+      if (d.any_transform) grow(b.xt[s], kp);
+      if (d.any_weight_only && gemv) {
+        grow(b.xp[s], kp);
+        grow(b.xsum[s], gs);
+      }
       grow(b.rs[s], M);
-      grow(b.xq[s], M * d.max_kp);
-      grow(b.xabs[s], M * d.max_kp);
-      grow(b.qsum[s], M * std::max<int64_t>(1, d.max_g));
+      if (d.any_dynamic) {
+        grow(b.xq[s], kp);
+        grow(b.xabs[s], kp);
+        grow(b.qsum[s], gs);
+      }
     }
   }
-  const int64_t n_counters = d.L * 8 + 4;
+  const int64_t n_counters = d.L * 8 + 8;
   std::unique_ptr<std::atomic<int64_t>[]> ctr(new std::atomic<int64_t>[n_counters]);
   for (int64_t i = 0; i < n_counters; ++i) ctr[i].store(0, std::memory_order_relaxed);
   SpinBarrier bar;
@@ -521,6 +560,24 @@ at::Tensor decoder_step(int64_t id, const at::Tensor& x_in, at::Tensor& k_cache,
     float* h = tb.h.data();
     float* att = tb.att.data();
     int64_t ci = 0;  // counter index: every thread walks the same sequence of stages
+    if (id_ptr) {  // 0. embedding rows (quantized: the row's tile dequantized as the GEMM path does)
+      const Linear& e = *d.embed_w();
+      for_chunks(ctr[ci], M, 1, [&](int64_t a, int64_t b) {
+        for (int64_t m = a; m < b; ++m) {
+          const int64_t row = id_ptr[m];
+          if (e.kind == LK_DENSE) {
+            std::memcpy(x + m * H, e.dense + row * H, sizeof(float) * H);
+            continue;
+          }
+          const int32_t wk = e.kind == LK_INT8 ? WK_INT8 : e.kind == LK_CB4 ? WK_CB4 : WK_INT4;
+          const int64_t t = row / TILE;
+          kt->dequant_t(e.prep.q, wk, t, t + 1, DT_F32, tb.emb.data(), TILE, tb.gemm.data());
+          for (int64_t k = 0; k < H; ++k) x[m * H + k] = tb.emb[k * TILE + row % TILE];
+        }
+      });
+      ++ci;
+      bar.wait();
+    }
     for (int64_t l = 0; l < d.L; ++l) {
       const Layer& ly = d.layers[l];
       // 1. norm, prepare, q|k|v tiles

@@ -82,13 +82,19 @@ static void attend_part(const float* q, int64_t ldq, int nq, const int64_t* tlim
     float m = -__builtin_inff();
     for (int64_t tb = t0; tb < lim; tb += KB) {
       const int64_t kb = (tb / KB) * hd * KB;
-      F acc[HB];
-      for (int h = 0; h < HB; ++h) acc[h] = V::zero();
-      for (int64_t d = 0; d < hd; ++d) {
-        const F qd = V::set1(qi[d]);
-        for (int h = 0; h < HB; ++h) acc[h] = V::fma(qd, kv_load(kc, kv_dt, kb + d * KB + h * W), acc[h]);
+      F acc[HB], acc2[HB];  // two FMA chains per vector (even / odd d): latency, not throughput, binds
+      for (int h = 0; h < HB; ++h) acc[h] = acc2[h] = V::zero();
+      int64_t d = 0;
+      for (; d + 2 <= hd; d += 2) {
+        const F q0 = V::set1(qi[d]), q1 = V::set1(qi[d + 1]);
+        for (int h = 0; h < HB; ++h) {
+          acc[h] = V::fma(q0, kv_load(kc, kv_dt, kb + d * KB + h * W), acc[h]);
+          acc2[h] = V::fma(q1, kv_load(kc, kv_dt, kb + (d + 1) * KB + h * W), acc2[h]);
+        }
       }
-      for (int h = 0; h < HB; ++h) V::store(si + (tb - t0) + h * W, V::mul(acc[h], V::set1(scale)));
+      for (; d < hd; ++d)
+        for (int h = 0; h < HB; ++h) acc[h] = V::fma(V::set1(qi[d]), kv_load(kc, kv_dt, kb + d * KB + h * W), acc[h]);
+      for (int h = 0; h < HB; ++h) V::store(si + (tb - t0) + h * W, V::mul(V::add(acc[h], acc2[h]), V::set1(scale)));
       const int64_t n = imin(KB, lim - tb);
       for (int64_t j = 0; j < n; ++j) m = si[tb - t0 + j] > m ? si[tb - t0 + j] : m;
     }
