@@ -14,6 +14,7 @@ Engines (each row runs in its own child process, so its peak RSS is its own):
 * ``fused <scheme>``: ``torchq.generate``'s path (torchq.runtime): one native call and one
   parallel region per token, static fp32 KV cache. Models are torchq checkpoints written
   once by the parent, loaded with ``torchq.from_pretrained``.
+* ``fused int4 g32, bf16 KV``: the same with a bf16 KV cache (llama.cpp's default cache is f16).
 * ``fused gguf q4_0``: torchq running the very Q4_0 GGUF file that llama.cpp runs.
 * ``llama.cpp q4_0`` / ``llama.cpp (package file)``: ``llama-cpp-python`` (optional extra
   ``bench-llamacpp``; it compiles llama.cpp on install, about 10 min on 2 cores, so it is
@@ -22,7 +23,8 @@ Engines (each row runs in its own child process, so its peak RSS is its own):
 
 Metrics: prefill of a 512-token prompt (best of 3), decode tok/s at depth 0 (1-token prompt)
 and at depth 512 (after the prompt): the median of 32 greedy steps; peak RSS of the child
-process (model load included). ``--background-load`` adds rows measured while another
+process (model load included) and, in parentheses, its RSS before the model loads (Python and
+the engine's libraries: torch + transformers for torchq and transformers rows). ``--background-load`` adds rows measured while another
 process spins on one core (the spin-then-yield barrier must not collapse).
 """
 
@@ -169,13 +171,13 @@ def _run_hf(model, ids: list[int]) -> dict[str, float]:
         return _measure(prefill, lambda tok, pos: forward([tok]), ids)
 
 
-def _run_fused(model, ids: list[int]) -> dict[str, float]:
+def _run_fused(model, ids: list[int], kv_dtype=None) -> dict[str, float]:
     import torch
 
     from torchq.runtime import FusedDecoder
 
     decoder = FusedDecoder.for_model(model, PROMPT + STEPS + 8)
-    k, v = decoder.new_cache(PROMPT + STEPS + 8)
+    k, v = decoder.new_cache(PROMPT + STEPS + 8, kv_dtype or torch.float32)
 
     def prefill(ids):
         t = torch.tensor(ids)
@@ -234,6 +236,8 @@ def worker(engine: str, threads: int, paths: dict[str, str], ids: list[int]) -> 
             res = _run_hf(model, ids)
         elif engine == "hf int4 g32":
             res = _run_hf(torchq.from_pretrained(paths["int4 g32"]), ids)
+        elif engine == "fused int4 g32, bf16 KV":
+            res = _run_fused(torchq.from_pretrained(paths["int4 g32"]), ids, torch.bfloat16)
         elif engine.startswith("fused "):
             res = _run_fused(torchq.from_pretrained(paths[engine[len("fused "):]]), ids)
         else:
@@ -248,7 +252,7 @@ def _source_gguf_path(paths: dict[str, str]) -> str:
 
 
 def engines(have_llamacpp: bool) -> list[str]:
-    out = ["hf fp32", "hf int4 g32"] + [f"fused {s}" for s in SCHEMES] + ["fused gguf q4_0"]
+    out = ["hf fp32", "hf int4 g32"] + [f"fused {s}" for s in SCHEMES] + ["fused int4 g32, bf16 KV", "fused gguf q4_0"]
     if have_llamacpp:
         out += ["llama.cpp q4_0", "llama.cpp package file"]
     return out
@@ -283,7 +287,8 @@ def run_child(engine: str, threads: int, paths: dict[str, str], load: bool) -> O
 # ---------------------------------------------------------------------- report
 def table(records: list[dict[str, Any]]) -> str:
     lines = ["| engine | threads | background load | prefill 512 tok/s | decode tok/s, depth 0 | decode tok/s, depth 512 "
-             "| peak RSS MB | decode vs hf fp32 | decode vs llama.cpp q4_0 |", "|" + "---|" * 9]
+             "| peak RSS MB (before load) | decode d512 vs hf fp32 | decode d0 / d512 vs llama.cpp q4_0 |",
+             "|" + "---|" * 9]
     base = {(r["threads"], r["load"]): r for r in records if r["engine"] == "hf fp32"}
     lcpp = {(r["threads"], r["load"]): r for r in records if r["engine"] == "llama.cpp q4_0"}
     for r in records:
@@ -295,7 +300,8 @@ def table(records: list[dict[str, Any]]) -> str:
                  if lc else "-")
         lines.append(
             f"| {r['engine']} | {r['threads']} | {'1 core busy' if r['load'] else '-'} | {r['prefill_tok_s']:.0f} | "
-            f"{r['decode_d0']:.1f} | {r['decode_d512']:.1f} | {r['peak_rss_mb']:.0f} | {vs_hf} | {vs_lc} |"
+            f"{r['decode_d0']:.1f} | {r['decode_d512']:.1f} | {r['peak_rss_mb']:.0f} ({r.get('base_rss_mb', 0):.0f}) | "
+            f"{vs_hf} | {vs_lc} |"
         )
     return "\n".join(lines)
 

@@ -170,6 +170,14 @@ class FusedDecoder:
         shape = (len(a.layers), a.kv_heads, length, a.head_dim)
         return torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
 
+    #: stage kinds of :meth:`profile`, in the order of a step
+    STAGES = ("embedding", "q|k|v", "rope + cache", "attention", "o_proj", "gate|up", "down_proj", "norm + lm_head")
+
+    def profile(self) -> dict[str, float]:
+        """Seconds per stage kind since the previous call (wall time of the team's first
+        thread up to each stage's barrier: a stage's share of every step, waits included)."""
+        return dict(zip(self.STAGES, torch.ops.torchq._decoder_profile(self.handle)))
+
     def step(self, ids: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int) -> torch.Tensor:
         """Logits (vocab,) of the last of ``ids`` (1-D LongTensor) at positions ``pos`` onward."""
         ids = ids.reshape(-1)

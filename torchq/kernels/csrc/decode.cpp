@@ -37,6 +37,8 @@
 #include <xmmintrin.h>
 
 #include <algorithm>
+#include <array>
+#include <chrono>
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -136,6 +138,7 @@ struct Decoder {
   const Linear* embed_w() const { return embed_mode == 1 ? &head : &embed; }
   std::vector<at::Tensor> keep;  // the model's tensors (and fp32 views), alive with the decoder
   std::mutex mu;                 // one step at a time per decoder
+  std::array<double, 8> prof{};  // seconds per stage kind, thread 0's view (_decoder_profile)
   // shared step buffers
   std::vector<float> x, q, k, v, tmp, g, u, act;
   std::vector<float> part_out, part_mx, part_sum;  // attention partials (M, kv heads, chunks, group)
@@ -557,6 +560,14 @@ at::Tensor decoder_step(int64_t id, const at::Tensor& x_in, at::Tensor& k_cache,
     const int team = omp_get_num_threads();
     bar.n.store(team, std::memory_order_relaxed);
     ThreadBufs& tb = d.tb[tid];
+    // thread 0 adds the wall time up to each barrier to its stage kind (about 20 ns a stamp)
+    auto last = std::chrono::steady_clock::now();
+    auto stamp = [&](int kind) {
+      if (tid != 0) return;
+      const auto now = std::chrono::steady_clock::now();
+      d.prof[kind] += std::chrono::duration<double>(now - last).count();
+      last = now;
+    };
     float* h = tb.h.data();
     float* att = tb.att.data();
     int64_t ci = 0;  // counter index: every thread walks the same sequence of stages
@@ -577,6 +588,7 @@ at::Tensor decoder_step(int64_t id, const at::Tensor& x_in, at::Tensor& k_cache,
       });
       ++ci;
       bar.wait();
+      stamp(0);
     }
     for (int64_t l = 0; l < d.L; ++l) {
       const Layer& ly = d.layers[l];
@@ -602,6 +614,7 @@ at::Tensor decoder_step(int64_t id, const at::Tensor& x_in, at::Tensor& k_cache,
       }
       ++ci;
       bar.wait();
+      stamp(1);
       // 2. RoPE; k and v into the cache. Items: (row, head) over query heads then KV heads.
       {
         const int64_t per_row = d.nh + d.nkv, total = M * per_row;
@@ -635,6 +648,7 @@ at::Tensor decoder_step(int64_t id, const at::Tensor& x_in, at::Tensor& k_cache,
       }
       ++ci;
       bar.wait();
+      stamp(2);
       // 3. attention: items (row, KV head, position chunk); the group's query heads share
       // every key and value read
       {
@@ -654,6 +668,7 @@ at::Tensor decoder_step(int64_t id, const at::Tensor& x_in, at::Tensor& k_cache,
       }
       ++ci;
       bar.wait();
+      stamp(3);
       // every thread merges the partials into its own copy of the attention output
       for (int64_t m = 0; m < M; ++m)
         for (int64_t hh = 0; hh < d.nh; ++hh) {
@@ -690,6 +705,7 @@ at::Tensor decoder_step(int64_t id, const at::Tensor& x_in, at::Tensor& k_cache,
       }
       ++ci;
       bar.wait();
+      stamp(4);
       // 5. norm, gate and up tiles in pairs, SiLU(gate) * up
       rmsnorm_rows(x, M, H, ly.post_norm, d.eps, h);
       {
@@ -710,6 +726,7 @@ at::Tensor decoder_step(int64_t id, const at::Tensor& x_in, at::Tensor& k_cache,
       }
       ++ci;
       bar.wait();
+      stamp(5);
       // 6. down_proj + residual
       {
         const Linear& ld_ = ly.lin[LD];
@@ -723,14 +740,27 @@ at::Tensor decoder_step(int64_t id, const at::Tensor& x_in, at::Tensor& k_cache,
       }
       ++ci;
       bar.wait();
+      stamp(6);
     }
     // final norm and LM head, last row only
     rmsnorm_rows(x + (M - 1) * H, 1, H, d.final_norm, d.eps, h);
     const Prepped ph = prep_acts(kt, d.head, h, 1, H, tb, 0);
     for_chunks(ctr[ci], d.head.tiles(), chunk_for(d.head.tiles(), team),
                [&](int64_t a, int64_t b) { run_tiles(kt, d.head, ph, lg, d.vocab, a, b, tb); });
+#pragma omp barrier
+    stamp(7);
   }
   return logits;
+}
+
+// Seconds spent per stage kind since the last call (thread 0's wall time, barriers included):
+// embedding, q|k|v, RoPE + cache, attention, o_proj, gate|up, down_proj, final norm + LM head.
+std::vector<double> decoder_profile(int64_t id) {
+  std::shared_ptr<Decoder> dp = lookup(id);
+  std::lock_guard<std::mutex> lock(dp->mu);
+  std::vector<double> out(dp->prof.begin(), dp->prof.end());
+  dp->prof.fill(0.0);
+  return out;
 }
 
 // Threads a step's region ran with (tests: torch.set_num_threads governs the team).
@@ -751,6 +781,7 @@ TORCH_LIBRARY_FRAGMENT(torchq, m) {
   m.def("_decoder_create(Tensor[] tensors, int[] spec, float[] fspec) -> int", &decoder_create);
   m.def("_decoder_free(int decoder) -> ()", &decoder_free);
   m.def("_decoder_team_size() -> int", &decoder_team_size);
+  m.def("_decoder_profile(int decoder) -> float[]", &decoder_profile);
   m.def("decoder_step(int decoder, Tensor x, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos) -> Tensor");
 }
 
