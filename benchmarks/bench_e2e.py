@@ -264,6 +264,15 @@ def _have_llamacpp() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
+def _llamacpp_version() -> Optional[str]:
+    from importlib import metadata
+
+    try:
+        return metadata.version("llama-cpp-python")
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def _spinner() -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
@@ -327,8 +336,12 @@ def markdown(res: dict[str, Any]) -> str:
     kind, title = _common().cpu_kind(res["machine"])
     lines = [f"#### {title}", "", _common().machine_summary(res["machine"]), "",
              f"SmolLM2-135M-Instruct, prompt {PROMPT} tokens, {STEPS} greedy steps per decode figure "
-             "(median step); `python benchmarks/bench_e2e.py`.", "", table(res["records"]), ""]
+             f"(median step); llama-cpp-python {res.get('llama_cpp') or 'not installed'}; "
+             "`python benchmarks/bench_e2e.py --background-load`.", "", table(res["records"]), ""]
     lines += [f"- {t}" for t in res["targets"]] or ["- llama.cpp not installed: no llama.cpp rows"]
+    lines += ["", "Peak RSS includes what the process holds before loading the model (in parentheses): "
+              "torch + transformers for torchq, the interpreter for llama-cpp-python, whose own peak includes its "
+              "(n_batch x vocab) fp32 logits array. The host is shared: compare rows of one run only."]
     return "\n".join(lines) + "\n"
 
 
@@ -364,7 +377,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         names = [n for n in names if n in args.engines.split(",")]
     records = []
     for threads in [int(t) for t in args.threads.split(",")]:
-        for load in [False, True] if args.background_load else [False]:
+        for load in [False, True] if args.background_load and threads > 1 else [False]:  # one busy core of two
             for engine in names:
                 if load and not (engine in ("fused int4 g32", "llama.cpp q4_0", "hf fp32")):
                     continue
@@ -376,7 +389,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 print(f"{engine:<24} {threads}t{' +load' if load else '      '} prefill {r['prefill_tok_s']:7.0f} tok/s  "
                       f"decode d0 {r['decode_d0']:6.1f}  d512 {r['decode_d512']:6.1f} tok/s  "
                       f"RSS {r['peak_rss_mb']:.0f} MB", flush=True)
-    res = {"machine": _common().machine_info(), "records": records}
+    res = {"machine": _common().machine_info(), "records": records, "llama_cpp": _llamacpp_version()}
     res["targets"] = targets(records)
     print()
     print(markdown(res))

@@ -59,7 +59,7 @@ def test_demo_writes_table_plot_and_json(tiny, tmp_path, capsys):
         "--prompt-tokens", "16", "--new-tokens", "3", "--out", out, "--threads", "1",
     ]))
     names = [r.name for r in rows]
-    assert names == ["fp32", "bf16", "gguf_q4_1", "int8", "int4 g32", "int4 g32 compiled", "nf4"]
+    assert names == ["fp32", "bf16", "gguf_q4_1", "int8", "int4 g32", "int4 g32 compiled", "int4 g32 fused", "nf4"]
     by = {r.name: r for r in rows}
     assert by["fp32"].kl == 0.0 and by["gguf_q4_1"].kl == 0.0 and by["bf16"].kl > 0  # import is lossless
     assert by["int4 g32"].size_mb < by["int8"].size_mb < by["bf16"].size_mb < by["fp32"].size_mb
@@ -69,6 +69,8 @@ def test_demo_writes_table_plot_and_json(tiny, tmp_path, capsys):
     text = capsys.readouterr().out
     assert by["int4 g32 compiled"].perplexity == by["int4 g32"].perplexity
     assert by["int4 g32 compiled"].decode_tok_s > 0 and "torch.compile" in by["int4 g32 compiled"].note
+    fused = by["int4 g32 fused"]
+    assert fused.decode_tok_s > 0 and "fused" in fused.note and fused.sample == by["int4 g32"].sample
     assert "| int4 g32 |" in text and "per-call overhead" in text
     assert "int4 g32 compiled decode / fp32 eager decode" in text and "int4 g32 decode / fp32 eager decode" in text
     assert "sample (int4 g32" in text
@@ -103,3 +105,25 @@ def test_compiled_bench_uses_a_static_cache_and_matches_eager(tiny):
     assert compiled.sample == eager.sample
     assert compiled.new_tokens == 28  # one token from prefill, one warm-up decode step, 28 timed
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # prefill and decode, once each
+
+
+def test_fused_bench_generates_what_eager_does_and_no_deprecated_cache_keyword(tiny, monkeypatch):
+    """torchq.bench's fused engine is torchq.generate's path; the eager engine passes the KV
+    cache by the keyword the installed transformers takes (``cache`` from 5.24, where
+    ``past_key_values`` is deprecated), so no deprecation warning is printed."""
+    import inspect
+
+    from transformers.utils import generic
+
+    warned = []
+    monkeypatch.setattr(generic.logger, "warning_once", lambda msg, *a, **k: warned.append(msg), raising=False)
+    loaded = load_model(tiny)  # the file's own Q4_1 blocks, imported
+    params = inspect.signature(loaded.model.forward).parameters
+    assert tbench.cache_argument(loaded.model) == ("cache" if "cache" in params else "past_key_values")
+    eager = tbench.bench(loaded.model, loaded.tokenizer, "the cat sat on the mat", prompt_tokens=12, new_tokens=20)
+    assert not [m for m in warned if "deprecated" in str(m)], warned
+    fused = tbench.bench(loaded.model, loaded.tokenizer, "the cat sat on the mat", prompt_tokens=12, new_tokens=20,
+                         fused=True)
+    assert fused.sample == eager.sample and fused.new_tokens == eager.new_tokens
+    with pytest.raises(ValueError, match="fused"):
+        tbench.bench(loaded.model, loaded.tokenizer, "the cat", new_tokens=2, fused=True, compile=True)
