@@ -191,6 +191,10 @@ def test_weights_are_shared_not_copied():
     assert not torch.equal(d.step(ids[0], k, v, 0), before)
     model.model.layers[0].self_attn.q_proj.weight = torch.nn.Parameter(torch.randn(64, 64))
     assert FusedDecoder.for_model(model, 16) is not d  # a swapped weight builds a new decoder
+    import io
+
+    torch.save(model, io.BytesIO())  # the cache lives outside the model: it still pickles and copies
+    assert FusedDecoder.for_model(copy.deepcopy(model), 16) is not FusedDecoder.for_model(model, 16)
 
 
 def test_compile_sees_the_op():
@@ -309,3 +313,32 @@ def test_embedding_rows_in_the_step_equal_the_module(scheme, tied):
     assert torch.equal(torch.ops.torchq.decoder_step(d.handle, x, k2, v2, 0), native)
     with pytest.raises(RuntimeError, match="outside the vocabulary"):
         torch.ops.torchq.decoder_step(d.handle, torch.tensor([100]), k, v, 0)
+
+
+def test_bf16_prefill_route_prefills_with_the_models_own_forward():
+    """Where the precision rule lets the prompt's rows take a bf16 route (here forced: the
+    oneDNN route of AMX hosts, under matmul precision "high"), the prompt goes through the
+    model's forward and its keys/values are copied into the fused cache's blocked layout."""
+    ops = torch.ops.torchq
+    model = quantized(llama(layers=2), "int4_g32")
+    ids = torch.randint(0, 160, (1, 40), generator=torch.Generator().manual_seed(8))
+    d = FusedDecoder.for_model(model, 60)
+    k1, v1 = d.new_cache(40)
+    eager_logits_ = d.prefill_eager(model, ids[0], k1, v1)
+    k2, v2 = d.new_cache(40)
+    fused_logits = d.step(ids[0], k2, v2, 0)
+    torch.testing.assert_close(k1, k2, rtol=1e-5, atol=1e-5)  # same layout, same values up to rounding order
+    torch.testing.assert_close(v1, v2, rtol=1e-5, atol=1e-5)
+    assert_close_logits(eager_logits_, fused_logits, "eager prefill")
+    assert d.prefill_route(40) == "fused"
+    old_precision = torch.get_float32_matmul_precision()
+    old_route = ops._tune("onednn_route", 1)
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert d.prefill_route(40) == "eager" and d.prefill_route(8) == "fused"
+        want = model.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+        got = generate(model, ids, max_new_tokens=10, eos_token_id=[])
+    finally:
+        torch.set_float32_matmul_precision(old_precision)
+        ops._tune("onednn_route", old_route)
+    assert torch.equal(got, want)

@@ -2,7 +2,7 @@
 (csrc/decode.cpp), which then runs a whole step (all layers, the final norm and the LM head)
 in one native call and one parallel region.
 
-``FusedDecoder.for_model(model, max_len)`` builds (and caches on the model) the decoder; the
+``FusedDecoder.for_model(model, max_len)`` builds (and caches, per model) the decoder; the
 C++ side keeps references to the model's own tensors, so the packed weights are shared, not
 copied. The KV cache is a pair of static tensors ``(layers, kv_heads, length, head_dim)``,
 fp32 or bf16, written in place."""
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..kernels import cpu_ext
+from ..kernels.numerics import weight_only_route
 from .architecture import DecoderArchitecture, inspect_model, rope_tables
 from .weights import CB4, DENSE, INT4, INT8, W4A8, UnsupportedModelError, decoder_kind, linear_spec
 
@@ -26,6 +27,8 @@ KV_DTYPES = (torch.float32, torch.bfloat16)
 _MIN_TABLE = 256
 KV_BLOCK = 16  # positions per key block of the cache (csrc/kernel_api.h)
 _VOCAB: dict[int, int] = {}  # decoder id -> vocabulary size (fake implementation)
+# model -> its decoder; weak, and outside the model so torch.save(model) / deepcopy never see it
+_BY_MODEL: "weakref.WeakKeyDictionary[nn.Module, FusedDecoder]" = weakref.WeakKeyDictionary()
 
 
 def _register_fake() -> None:
@@ -45,13 +48,19 @@ def _free(handle: int) -> None:
         pass
 
 
+def _linears(arch: DecoderArchitecture) -> list[nn.Module]:
+    out = [arch.lm_head]
+    for layer in arch.layers:
+        out += [getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        out += [getattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]
+    return out
+
+
 def _weights_key(arch: DecoderArchitecture) -> tuple:
     """Identity of every tensor the decoder reads: a swapped weight makes a new decoder."""
-    mods = [arch.final_norm, arch.lm_head]
+    mods = [arch.final_norm, arch.embed] + _linears(arch)
     for layer in arch.layers:
         mods += [layer.input_layernorm, layer.post_attention_layernorm]
-        mods += [getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        mods += [getattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]
     return tuple((id(m.weight), getattr(m, "bias", None) is not None and id(m.bias)) for m in mods)
 
 
@@ -114,9 +123,46 @@ class FusedDecoder:
         ei, et, self.native_embedding = self._embedding_spec(arch)
         ints += ei
         tensors += et
+        # numerics of the weight-only layers ("auto" / "exact"): what the precision rule sees
+        self._weight_only_numerics = sorted({
+            getattr(m.weight, "numerics", "auto") for m in _linears(arch) if decoder_kind(m.weight, "").kind in (INT4, INT8, CB4)
+        })
         self.handle = int(torch.ops.torchq._decoder_create(tensors, ints, [arch.eps, arch.scale]))
         _VOCAB[self.handle] = arch.vocab
         self._finalizer = weakref.finalize(self, _free, self.handle)
+
+    def prefill_route(self, rows: int) -> str:
+        """``"fused"``, or ``"eager"`` where the precision rule lets this model's weight-only
+        layers run bf16 routes at ``rows`` rows (``torch.set_float32_matmul_precision("high")``
+        on AMX / AVX512-BF16 hosts: oneDNN's or torchq's bf16 GEMMs, which the fused step does
+        not run). The eager prefill then computes what the model's own forward computes."""
+        for numerics in self._weight_only_numerics:
+            if weight_only_route(torch.float32, rows, numerics) != "fp32":
+                return "eager"
+        return "fused"
+
+    def prefill_eager(self, model: nn.Module, ids: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """Prefill ``ids`` (1-D, from position 0) with the model's own forward and copy its
+        keys and values into the fused caches; returns the last position's logits."""
+        import inspect
+
+        arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        with torch.no_grad():
+            out = model(input_ids=ids.reshape(1, -1), use_cache=True, logits_to_keep=1, **{arg: None})
+        cache = getattr(out, "cache", None) or out.past_key_values
+        layers = [(layer.keys, layer.values) for layer in cache.layers] if hasattr(cache, "layers") else list(cache)
+        n = ids.numel()
+        blocks = -(-n // KV_BLOCK)
+        for i, (keys, values) in enumerate(layers):
+            kv, t = keys[0], keys.shape[-2]  # (kv_heads, T, head_dim), post-RoPE
+            if t != n:
+                raise RuntimeError(f"the model's cache holds {t} positions after a {n}-token prefill")
+            padded = torch.nn.functional.pad(kv, (0, 0, 0, blocks * KV_BLOCK - n))
+            blocked = padded.reshape(kv.shape[0], blocks, KV_BLOCK, kv.shape[-1]).transpose(-1, -2)
+            view = k_cache[i].view(kv.shape[0], -1, kv.shape[-1], KV_BLOCK)  # keys blocked by 16 positions
+            view[:, :blocks] = blocked.to(k_cache.dtype)
+            v_cache[i, :, :n] = values[0].to(v_cache.dtype)
+        return out.logits[0, -1].float()
 
     @staticmethod
     def _embedding_spec(arch: DecoderArchitecture) -> tuple[list[int], list[torch.Tensor], bool]:
@@ -143,7 +189,7 @@ class FusedDecoder:
     def for_model(cls, model: nn.Module, max_len: int) -> "FusedDecoder":
         """The model's cached decoder when it covers ``max_len`` positions and the model's
         weights are the same tensors; else a new one (rotary table sized to a power of two)."""
-        cached: Optional[FusedDecoder] = getattr(model, "_torchq_fused_decoder", None)
+        cached: Optional[FusedDecoder] = _BY_MODEL.get(model)
         if cached is not None and cached.max_len >= max_len:
             if cached.weights_key == _weights_key(inspect_model(model, max_len)):
                 return cached
@@ -154,7 +200,7 @@ class FusedDecoder:
                 raise ValueError(f"{max_len} positions exceed the model's max_position_embeddings ({limit})")
             length = min(length, -(-limit // KV_BLOCK) * KV_BLOCK)  # caches round up to KV_BLOCK
         decoder = cls(model, length, max_len)
-        object.__setattr__(model, "_torchq_fused_decoder", decoder)
+        _BY_MODEL[model] = decoder
         return decoder
 
     def new_cache(self, length: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:

@@ -51,6 +51,11 @@ def generate(
     like transformers streamers. ``kv_dtype``: float32 or bfloat16 KV cache. The model's
     generation config processors (repetition penalty, ...) are not applied.
 
+    Numerics follow torchq's precision rule: decode steps compute weight-only layers in fp32;
+    where the rule lets the prompt's rows run a bf16 route (``torch.set_float32_matmul_precision
+    ("high")`` on an AMX or AVX512-BF16 host), the prompt is prefilled by the model's own
+    forward and its keys and values copied into the fused cache.
+
     Raises ``UnsupportedModelError`` (a ``NotImplementedError``) naming what the fused path
     cannot run; ``model.generate`` still runs such models."""
     check_sampling(do_sample, temperature, top_k, top_p)
@@ -74,8 +79,11 @@ def generate(
     out = []
     if max_new_tokens:
         logits = None
-        for start in range(0, prompt.numel(), PREFILL_CHUNK):
-            logits = decoder.step(prompt[start : start + PREFILL_CHUNK], k_cache, v_cache, start)
+        if decoder.prefill_route(prompt.numel()) == "eager":  # bf16 routes allowed: the model's own prefill
+            logits = decoder.prefill_eager(model, prompt, k_cache, v_cache)
+        else:
+            for start in range(0, prompt.numel(), PREFILL_CHUNK):
+                logits = decoder.step(prompt[start : start + PREFILL_CHUNK], k_cache, v_cache, start)
         pos = prompt.numel()
         while True:
             tok = next_token(logits, do_sample, temperature, top_k, top_p, generator)
