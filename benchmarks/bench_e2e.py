@@ -15,6 +15,9 @@ Engines (each row runs in its own child process, so its peak RSS is its own):
   parallel region per token, static fp32 KV cache. Models are torchq checkpoints written
   once by the parent, loaded with ``torchq.from_pretrained``.
 * ``fused int4 g32, bf16 KV``: the same with a bf16 KV cache (llama.cpp's default cache is f16).
+* ``fused int4 g32, int8 activations``: ``torchq.generate(..., activations="int8")``, the
+  explicit option that runs int4 weight-only layers as W4A8 (llama.cpp's Q4_0 path also
+  quantizes activations to 8 bits).
 * ``fused gguf q4_0``: torchq running the very Q4_0 GGUF file that llama.cpp runs.
 * ``llama.cpp q4_0`` / ``llama.cpp (package file)``: ``llama-cpp-python`` (optional extra
   ``bench-llamacpp``; it compiles llama.cpp on install, about 10 min on 2 cores, so it is
@@ -171,12 +174,12 @@ def _run_hf(model, ids: list[int]) -> dict[str, float]:
         return _measure(prefill, lambda tok, pos: forward([tok]), ids)
 
 
-def _run_fused(model, ids: list[int], kv_dtype=None) -> dict[str, float]:
+def _run_fused(model, ids: list[int], kv_dtype=None, activations: str = "auto") -> dict[str, float]:
     import torch
 
     from torchq.runtime import FusedDecoder
 
-    decoder = FusedDecoder.for_model(model, PROMPT + STEPS + 8)
+    decoder = FusedDecoder.for_model(model, PROMPT + STEPS + 8, activations)
     k, v = decoder.new_cache(PROMPT + STEPS + 8, kv_dtype or torch.float32)
 
     def prefill(ids):
@@ -236,6 +239,8 @@ def worker(engine: str, threads: int, paths: dict[str, str], ids: list[int]) -> 
             res = _run_hf(model, ids)
         elif engine == "hf int4 g32":
             res = _run_hf(torchq.from_pretrained(paths["int4 g32"]), ids)
+        elif engine == "fused int4 g32, int8 activations":
+            res = _run_fused(torchq.from_pretrained(paths["int4 g32"]), ids, activations="int8")
         elif engine == "fused int4 g32, bf16 KV":
             res = _run_fused(torchq.from_pretrained(paths["int4 g32"]), ids, torch.bfloat16)
         elif engine.startswith("fused "):
@@ -252,7 +257,8 @@ def _source_gguf_path(paths: dict[str, str]) -> str:
 
 
 def engines(have_llamacpp: bool) -> list[str]:
-    out = ["hf fp32", "hf int4 g32"] + [f"fused {s}" for s in SCHEMES] + ["fused int4 g32, bf16 KV", "fused gguf q4_0"]
+    out = ["hf fp32", "hf int4 g32"] + [f"fused {s}" for s in SCHEMES] + ["fused int4 g32, bf16 KV", "fused int4 g32, int8 activations",
+                                                                   "fused gguf q4_0"]
     if have_llamacpp:
         out += ["llama.cpp q4_0", "llama.cpp package file"]
     return out

@@ -342,3 +342,23 @@ def test_bf16_prefill_route_prefills_with_the_models_own_forward():
         torch.set_float32_matmul_precision(old_precision)
         ops._tune("onednn_route", old_route)
     assert torch.equal(got, want)
+
+
+def test_int8_activations_option_runs_int4_layers_as_w4a8():
+    """activations="int8" is the explicit faster option: int4 weight-only layers run exactly
+    as W4A8 layers with the same codes do (identical logits to a W4A8-quantized copy)."""
+    base = llama(layers=2)
+    int4 = quantized(base, "int4_g32")
+    w4a8 = quantized(base, "w4a8")
+    assert torch.equal(int4.model.layers[0].mlp.up_proj.weight.qdata, w4a8.model.layers[0].mlp.up_proj.weight.qdata)
+    ids = torch.randint(0, 160, (1, 12), generator=torch.Generator().manual_seed(9))
+    d = FusedDecoder.for_model(int4, 12, activations="int8")
+    assert d.kinds["model.layers.0.q_proj"] == "int4 weight-only, int8 activations"
+    assert FusedDecoder.for_model(int4, 12) is not d  # the default keeps fp32 activations
+    k, v = d.new_cache(12)
+    got = torch.stack([d.step(ids[0, :8], k, v, 0)] + [d.step(ids[0, i : i + 1], k, v, i) for i in range(8, 12)])
+    assert torch.equal(got, decoder_logits(w4a8, ids, prefill=8))
+    assert torch.equal(generate(int4, ids, max_new_tokens=8, activations="int8", eos_token_id=[]),
+                       generate(w4a8, ids, max_new_tokens=8, eos_token_id=[]))
+    with pytest.raises(ValueError, match="activations"):
+        generate(int4, ids, max_new_tokens=2, activations="int4")

@@ -18,7 +18,9 @@ from torch import nn
 from ..kernels import cpu_ext
 from ..kernels.numerics import weight_only_route
 from .architecture import DecoderArchitecture, inspect_model, rope_tables
-from .weights import CB4, DENSE, INT4, INT8, W4A8, UnsupportedModelError, decoder_kind, linear_spec
+from .weights import (
+    CB4, DENSE, INT4, INT8, W4A8, UnsupportedModelError, check_activations, decoder_kind, linear_spec,
+)
 
 __all__ = ["FusedDecoder", "KV_DTYPES"]
 
@@ -89,9 +91,13 @@ class FusedDecoder:
     ``pos .. pos+M-1``), runs every layer writing their keys and values into the caches,
     and returns the fp32 logits (vocab,) of the last position."""
 
-    def __init__(self, model: nn.Module, max_len: int, positions: Optional[int] = None):
+    def __init__(self, model: nn.Module, max_len: int, positions: Optional[int] = None, activations: str = "auto"):
         """``max_len``: positions of the rotary table (the longest cache); ``positions``: the
-        positions this run needs (checked against a sliding window; default max_len)."""
+        positions this run needs (checked against a sliding window; default max_len);
+        ``activations``: "auto", or "int8" to run int4 weight-only layers as W4A8 layers run
+        (:data:`torchq.runtime.weights.ACTIVATIONS`)."""
+        check_activations(activations)
+        self.activations = activations
         if not cpu_ext.available():
             raise UnsupportedModelError("the fused decoder needs torchq's C++ kernels, which failed to build")
         arch = inspect_model(model, positions or max_len)
@@ -104,29 +110,30 @@ class FusedDecoder:
         cos, sin = rope_tables(arch, max_len)
         tensors = [cos, sin]
         self.kinds: dict[str, str] = {}
+        # numerics of the weight-only layers ("auto" / "exact"): what the precision rule sees
+        weight_only_numerics: set[str] = set()
+
+        def add_linear(module: nn.Module, where: str) -> None:
+            li, lt, label = linear_spec(module, where, activations)
+            ints.extend(li)
+            tensors.extend(lt)
+            self.kinds[where] = label
+            if li[0] in (INT4, INT8, CB4):
+                weight_only_numerics.add(getattr(module.weight, "numerics", "auto"))
+
         for i, layer in enumerate(arch.layers):
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
                 tensors.append(self._norm_weight(norm, f"model.layers.{i}"))
             for owner, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
                                  (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
                 for name in names:
-                    where = f"model.layers.{i}.{name}"
-                    li, lt, label = linear_spec(getattr(owner, name), where)
-                    ints += li
-                    tensors += lt
-                    self.kinds[where] = label
+                    add_linear(getattr(owner, name), f"model.layers.{i}.{name}")
         tensors.append(self._norm_weight(arch.final_norm, "model.norm"))
-        li, lt, label = linear_spec(arch.lm_head, "lm_head")
-        ints += li
-        tensors += lt
-        self.kinds["lm_head"] = label
+        add_linear(arch.lm_head, "lm_head")
         ei, et, self.native_embedding = self._embedding_spec(arch)
         ints += ei
         tensors += et
-        # numerics of the weight-only layers ("auto" / "exact"): what the precision rule sees
-        self._weight_only_numerics = sorted({
-            getattr(m.weight, "numerics", "auto") for m in _linears(arch) if decoder_kind(m.weight, "").kind in (INT4, INT8, CB4)
-        })
+        self._weight_only_numerics = sorted(weight_only_numerics)
         self.handle = int(torch.ops.torchq._decoder_create(tensors, ints, [arch.eps, arch.scale]))
         _VOCAB[self.handle] = arch.vocab
         self._finalizer = weakref.finalize(self, _free, self.handle)
@@ -186,11 +193,12 @@ class FusedDecoder:
         return w.detach().contiguous()
 
     @classmethod
-    def for_model(cls, model: nn.Module, max_len: int) -> "FusedDecoder":
-        """The model's cached decoder when it covers ``max_len`` positions and the model's
-        weights are the same tensors; else a new one (rotary table sized to a power of two)."""
+    def for_model(cls, model: nn.Module, max_len: int, activations: str = "auto") -> "FusedDecoder":
+        """The model's cached decoder when it covers ``max_len`` positions with the same
+        ``activations`` and the model's weights are the same tensors; else a new one (rotary
+        table sized to a power of two)."""
         cached: Optional[FusedDecoder] = _BY_MODEL.get(model)
-        if cached is not None and cached.max_len >= max_len:
+        if cached is not None and cached.max_len >= max_len and cached.activations == activations:
             if cached.weights_key == _weights_key(inspect_model(model, max_len)):
                 return cached
         length = max(_MIN_TABLE, 1 << (max_len - 1).bit_length())  # a multiple of KV_BLOCK
@@ -199,7 +207,7 @@ class FusedDecoder:
             if max_len > limit:
                 raise ValueError(f"{max_len} positions exceed the model's max_position_embeddings ({limit})")
             length = min(length, -(-limit // KV_BLOCK) * KV_BLOCK)  # caches round up to KV_BLOCK
-        decoder = cls(model, length, max_len)
+        decoder = cls(model, length, max_len, activations)
         _BY_MODEL[model] = decoder
         return decoder
 

@@ -39,6 +39,7 @@ def generate(
     *,
     eos_token_id: Optional[Union[int, Iterable[int]]] = None,
     kv_dtype: torch.dtype = torch.float32,
+    activations: str = "auto",
     generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` tokens after ``input_ids`` ((1, T) or (T,)) with the
@@ -54,7 +55,10 @@ def generate(
     Numerics follow torchq's precision rule: decode steps compute weight-only layers in fp32;
     where the rule lets the prompt's rows run a bf16 route (``torch.set_float32_matmul_precision
     ("high")`` on an AMX or AVX512-BF16 host), the prompt is prefilled by the model's own
-    forward and its keys and values copied into the fused cache.
+    forward and its keys and values copied into the fused cache. ``activations="int8"`` is the
+    explicit faster option: int4 weight-only layers then quantize their activations per token to
+    int8 and use integer dot products, exactly as W4A8 layers do (a numerics change: W4A8's
+    quality, not the weight-only model's).
 
     Raises ``UnsupportedModelError`` (a ``NotImplementedError``) naming what the fused path
     cannot run; ``model.generate`` still runs such models."""
@@ -71,7 +75,7 @@ def generate(
         raise ValueError("input_ids is empty: give at least one prompt token")
     prompt = ids[0].to(torch.long)
     total = prompt.numel() + max_new_tokens
-    decoder = FusedDecoder.for_model(model, total)
+    decoder = FusedDecoder.for_model(model, total, activations)
     k_cache, v_cache = decoder.new_cache(total, kv_dtype)
     eos = _eos_ids(model, eos_token_id)
     if streamer is not None:

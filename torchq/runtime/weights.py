@@ -13,7 +13,8 @@ from torch import nn
 from ..kernels.cpu_codebook4 import CODEBOOK4_KERNELS
 from ..tensors import AffineQuantizedTensor, Codebook4Tensor
 
-__all__ = ["DecoderWeightKind", "register_decoder_kind", "decoder_kind", "linear_spec", "UnsupportedModelError"]
+__all__ = ["DecoderWeightKind", "register_decoder_kind", "decoder_kind", "linear_spec", "UnsupportedModelError",
+           "ACTIVATIONS", "check_activations"]
 
 # Kinds and flags of csrc/decode.cpp (LinKind, LinFlag).
 DENSE, INT4, INT8, W4A8, W8A8, CB4 = range(6)
@@ -76,10 +77,24 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     """fp32 contiguous (no copy when it already is)."""
     return t.detach().to(torch.float32).contiguous()
 
-def linear_spec(linear: nn.Module, where: str) -> tuple[list[int], list[torch.Tensor], str]:
+#: ``activations`` choices of the fused decoder: "auto" keeps every weight's own numerics;
+#: "int8" also runs int4 weight-only layers (integer zero point or symmetric) on per-token
+#: int8 activations with integer dot products, exactly as W4A8 layers run (same tiled codes).
+ACTIVATIONS = ("auto", "int8")
+
+
+def check_activations(activations: str) -> None:
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+
+
+def linear_spec(linear: nn.Module, where: str, activations: str = "auto") -> tuple[list[int], list[torch.Tensor], str]:
     """Spec integers, tensors and label of one Linear for csrc/decode.cpp (read_linear)."""
     w = linear.weight
     kind = decoder_kind(w, where)
+    float_zero = getattr(w, "zero_point", None) is not None and w.zero_point.dtype != torch.int8
+    if activations == "int8" and kind.kind == INT4 and not float_zero:
+        kind = DecoderWeightKind(W4A8, "int4 weight-only, int8 activations")
     n, k_in = w.shape
     bias = getattr(linear, "bias", None)
     tensors: list[torch.Tensor] = []
