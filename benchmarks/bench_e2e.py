@@ -14,8 +14,8 @@ Engines (each row runs in its own child process, so its peak RSS is its own):
 * ``fused <scheme>``: ``torchq.generate``'s path (torchq.runtime): one native call and one
   parallel region per token, static fp32 KV cache. Models are torchq checkpoints written
   once by the parent, loaded with ``torchq.from_pretrained``.
-* ``fused int4 g32, bf16 KV``: the same with a bf16 KV cache (llama.cpp's default cache is f16).
-* ``fused int4 g32, int8 activations``: ``torchq.generate(..., activations="int8")``, the
+* ``fused int4 g32 bf16-KV``: the same with a bf16 KV cache (llama.cpp's default cache is f16).
+* ``fused int4 g32 int8-act``: ``torchq.generate(..., activations="int8")``, the
   explicit option that runs int4 weight-only layers as W4A8 (llama.cpp's Q4_0 path also
   quantizes activations to 8 bits).
 * ``fused gguf q4_0``: torchq running the very Q4_0 GGUF file that llama.cpp runs.
@@ -240,9 +240,9 @@ def worker(engine: str, threads: int, paths: dict[str, str], ids: list[int]) -> 
             res = _run_hf(model, ids)
         elif engine == "hf int4 g32":
             res = _run_hf(torchq.from_pretrained(paths["int4 g32"]), ids)
-        elif engine == "fused int4 g32, int8 activations":
+        elif engine == "fused int4 g32 int8-act":
             res = _run_fused(torchq.from_pretrained(paths["int4 g32"]), ids, activations="int8")
-        elif engine == "fused int4 g32, bf16 KV":
+        elif engine == "fused int4 g32 bf16-KV":
             res = _run_fused(torchq.from_pretrained(paths["int4 g32"]), ids, torch.bfloat16)
         elif engine.startswith("fused "):
             res = _run_fused(torchq.from_pretrained(paths[engine[len("fused "):]]), ids)
@@ -258,7 +258,7 @@ def _source_gguf_path(paths: dict[str, str]) -> str:
 
 
 def engines(have_llamacpp: bool) -> list[str]:
-    out = ["hf fp32", "hf int4 g32"] + [f"fused {s}" for s in SCHEMES] + ["fused int4 g32, bf16 KV", "fused int4 g32, int8 activations",
+    out = ["hf fp32", "hf int4 g32"] + [f"fused {s}" for s in SCHEMES] + ["fused int4 g32 bf16-KV", "fused int4 g32 int8-act",
                                                                    "fused gguf q4_0"]
     if have_llamacpp:
         out += ["llama.cpp q4_0", "llama.cpp package file"]
