@@ -3,6 +3,7 @@
 
 from .decoder import KV_DTYPES, FusedDecoder
 from .generate import generate
-from .weights import DecoderWeightKind, UnsupportedModelError, register_decoder_kind
+from .errors import UnsupportedModelError
+from .weights import DecoderWeightKind, register_decoder_kind
 
 __all__ = ["generate", "FusedDecoder", "KV_DTYPES", "UnsupportedModelError", "DecoderWeightKind", "register_decoder_kind"]

@@ -18,9 +18,8 @@ from torch import nn
 from ..kernels import cpu_ext
 from ..kernels.numerics import weight_only_route
 from .architecture import DecoderArchitecture, inspect_model, rope_tables
-from .weights import (
-    CB4, DENSE, INT4, INT8, W4A8, UnsupportedModelError, check_activations, decoder_kind, linear_spec,
-)
+from .errors import UnsupportedModelError
+from .weights import CB4, DENSE, INT4, INT8, W4A8, check_activations, decoder_kind, linear_spec
 
 __all__ = ["FusedDecoder", "KV_DTYPES"]
 

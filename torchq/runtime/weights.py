@@ -12,9 +12,9 @@ from torch import nn
 
 from ..kernels.cpu_codebook4 import CODEBOOK4_KERNELS
 from ..tensors import AffineQuantizedTensor, Codebook4Tensor
+from .errors import UnsupportedModelError
 
-__all__ = ["DecoderWeightKind", "register_decoder_kind", "decoder_kind", "linear_spec", "UnsupportedModelError",
-           "ACTIVATIONS", "check_activations"]
+__all__ = ["DecoderWeightKind", "register_decoder_kind", "decoder_kind", "linear_spec", "ACTIVATIONS", "check_activations"]
 
 # Kinds and flags of csrc/decode.cpp (LinKind, LinFlag).
 DENSE, INT4, INT8, W4A8, W8A8, CB4 = range(6)
