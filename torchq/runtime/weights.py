@@ -20,9 +20,6 @@ __all__ = ["DecoderWeightKind", "register_decoder_kind", "decoder_kind", "linear
 DENSE, INT4, INT8, W4A8, W8A8, CB4 = range(6)
 FLAG_ZERO, FLAG_BIAS, FLAG_LUT, FLAG_ACT_SCALE, FLAG_PERM = 1, 2, 4, 8, 16
 
-class UnsupportedModelError(NotImplementedError):
-    """The model (or one of its weights) uses something the fused decoder does not run.
-    Plain ``model.generate`` still works for it."""
 
 @dataclass(frozen=True)
 class DecoderWeightKind:
@@ -31,11 +28,14 @@ class DecoderWeightKind:
     kind: int
     label: str
 
+
 _KINDS: dict[str, DecoderWeightKind] = {}
+
 
 def register_decoder_kind(kernel_name: str, kind: DecoderWeightKind) -> None:
     """Weights that run kernel ``kernel_name`` enter the decoder as ``kind``."""
     _KINDS[kernel_name] = kind
+
 
 for _name, _kind in (
     ("cpu.int4_weight_only", DecoderWeightKind(INT4, "int4 weight-only")),
@@ -47,6 +47,7 @@ for _name, _kind in (
     register_decoder_kind(_name, _kind)
 for _k in CODEBOOK4_KERNELS:
     register_decoder_kind(_k.name, DecoderWeightKind(CB4, f"{_k.scheme} codebook"))
+
 
 def decoder_kind(weight: torch.Tensor, where: str) -> DecoderWeightKind:
     """The decoder kind of ``weight`` (layer ``where``), or a clear error."""
@@ -72,6 +73,7 @@ def decoder_kind(weight: torch.Tensor, where: str) -> DecoderWeightKind:
             "call model.float() first or quantize the layer"
         )
     return DecoderWeightKind(DENSE, "fp32 dense")
+
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
     """fp32 contiguous (no copy when it already is)."""
