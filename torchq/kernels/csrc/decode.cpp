@@ -2,8 +2,9 @@
 // norm and the LM head of one step (M new tokens at positions pos .. pos+M-1) run inside ONE
 // OpenMP parallel region, with a spin-then-yield barrier between dependent stages.
 //
-// Per layer (6 barriers). The KV cache holds keys blocked by 16 positions (positions in
-// vector lanes: scores need no horizontal sums) and values as rows (runtime_impl.h).
+// Given token ids, stage 0 looks up their embedding rows (fp32, or the row's weight tile
+// dequantized as the eager lookup does). Per layer (6 barriers; the KV cache holds keys
+// blocked by 16 positions, positions in vector lanes, and values as rows: runtime_impl.h):
 //
 //   1. each thread: RMSNorm of the residual stream and the activation preparation of q|k|v
 //      (redundantly: O(M*H), negligible next to the GEMVs, and no barrier);
@@ -25,6 +26,7 @@
 // descheduled by another process delays its chunk, not a fixed share, and every output
 // element is still computed by exactly one thread in one order, so results do not depend
 // on the thread count or the schedule. Weights are the model's own tensors (no copy).
+// Thread 0 stamps the wall time of every stage (_decoder_profile).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
