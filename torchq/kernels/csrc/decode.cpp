@@ -573,6 +573,17 @@ at::Tensor decoder_step(int64_t id, const at::Tensor& x_in, at::Tensor& k_cache,
     float* h = tb.h.data();
     float* att = tb.att.data();
     int64_t ci = 0;  // counter index: every thread walks the same sequence of stages
+    // x += in (M rows, row stride ld) @ l^T: the tiles of l in chunks, each chunk's columns added
+    // into the residual stream by the thread that computed them (o_proj, down_proj)
+    auto project_add = [&](const Linear& l, const float* in, int64_t ld, std::atomic<int64_t>& counter) {
+      const Prepped p = prep_acts(kt, l, in, M, ld, tb, 0);
+      for_chunks(counter, l.tiles(), chunk_for(l.tiles(), team), [&](int64_t a, int64_t b) {
+        run_tiles(kt, l, p, tmp, H, a, b, tb);
+        const int64_t n1 = std::min(H, b * TILE);
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t n = a * TILE; n < n1; ++n) x[m * H + n] += tmp[m * H + n];
+      });
+    };
     if (id_ptr) {  // 0. embedding rows (quantized: the row's tile dequantized as the GEMM path does)
       const Linear& e = *d.embed_w();
       for_chunks(ctr[ci], M, 1, [&](int64_t a, int64_t b) {
@@ -695,16 +706,7 @@ at::Tensor decoder_step(int64_t id, const at::Tensor& x_in, at::Tensor& k_cache,
           for (int64_t i = 0; i < hd; ++i) o[i] *= inv;
         }
       // 4. o_proj + residual
-      {
-        const Linear& lo = ly.lin[LO];
-        const Prepped po = prep_acts(kt, lo, att, M, qd, tb, 0);  // this thread's merged copy
-        for_chunks(ctr[ci], lo.tiles(), chunk_for(lo.tiles(), team), [&](int64_t a, int64_t b) {
-          run_tiles(kt, lo, po, tmp, H, a, b, tb);
-          const int64_t n1 = std::min(H, b * TILE);
-          for (int64_t m = 0; m < M; ++m)
-            for (int64_t n = a * TILE; n < n1; ++n) x[m * H + n] += tmp[m * H + n];
-        });
-      }
+      project_add(ly.lin[LO], att, qd, ctr[ci]);  // att: this thread's merged copy
       ++ci;
       bar.wait();
       stamp(4);
@@ -730,16 +732,7 @@ at::Tensor decoder_step(int64_t id, const at::Tensor& x_in, at::Tensor& k_cache,
       bar.wait();
       stamp(5);
       // 6. down_proj + residual
-      {
-        const Linear& ld_ = ly.lin[LD];
-        const Prepped pd = prep_acts(kt, ld_, act, M, I, tb, 0);
-        for_chunks(ctr[ci], ld_.tiles(), chunk_for(ld_.tiles(), team), [&](int64_t a, int64_t b) {
-          run_tiles(kt, ld_, pd, tmp, H, a, b, tb);
-          const int64_t n1 = std::min(H, b * TILE);
-          for (int64_t m = 0; m < M; ++m)
-            for (int64_t n = a * TILE; n < n1; ++n) x[m * H + n] += tmp[m * H + n];
-        });
-      }
+      project_add(ly.lin[LD], act, I, ctr[ci]);
       ++ci;
       bar.wait();
       stamp(6);
