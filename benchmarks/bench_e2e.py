@@ -71,7 +71,7 @@ ANCHOR = "<!-- bench_e2e:tables-end -->"
 
 # ---------------------------------------------------------------------- preparation (parent)
 def _source_gguf() -> str:
-    from torchq.demo import smollm2_gguf_path
+    from torchq.apps.demo import smollm2_gguf_path
 
     return smollm2_gguf_path()
 
@@ -115,7 +115,7 @@ def _peak_rss_mb() -> float:
 
 def prompt_ids() -> list[int]:
     """The 512 prompt tokens (held-out text, SmolLM2's tokenizer), computed by the parent."""
-    from torchq.eval import default_text
+    from torchq.apps.eval import default_text
     from torchq.interop.gguf import GGUFFile
 
     tokenizer = GGUFFile(_source_gguf()).tokenizer()
@@ -157,7 +157,7 @@ def _measure(prefill, step, ids: list[int]) -> dict[str, float]:
 def _run_hf(model, ids: list[int]) -> dict[str, float]:
     import torch
 
-    from torchq.bench import cache_argument
+    from torchq.apps.bench import cache_argument
 
     arg = cache_argument(model)
     state: dict[str, Any] = {}

@@ -32,7 +32,7 @@ import torch
 torch.set_num_threads(int(sys.argv[2]))
 import torchq, transformers  # noqa: F401
 import torchq.interop.load, torchq.interop.gguf  # noqa: F401
-from torchq.model_io import model_size_bytes
+from torchq.interop.model_io import model_size_bytes
 # import the model code once (a tiny Llama): its modules are a fixed cost, not the load's
 transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8,
     num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1))

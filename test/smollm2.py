@@ -5,7 +5,7 @@ import pytest
 
 def smollm2_path() -> str:
     """Its path; fails (never skips) where the package is missing: CI installs it."""
-    from torchq.demo import smollm2_gguf_path
+    from torchq.apps.demo import smollm2_gguf_path
 
     try:
         return smollm2_gguf_path()

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import torchq
-from torchq.tensors import AffineQuantizedTensor
+from torchq.formats import AffineQuantizedTensor
 
 CONFIGS = {
     "int8": torchq.int8_weight_only(),

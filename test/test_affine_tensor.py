@@ -251,8 +251,8 @@ def test_aten_mm_addmm_paths_run_the_same_kernel():
 
 def test_kernel_is_reselected_after_a_device_change():
     """A weight built on meta (skeleton models) must not keep a kernel picked for meta."""
-    from torchq.kernels import registry
-    from torchq.kernels.reference import weight_only_reference
+    from torchq.formats import dispatch as registry
+    from torchq.formats.affine.reference import weight_only_reference
 
     name = "test_meta_only.int8_weight_only"
     registry.register_kernel(

@@ -11,9 +11,9 @@ import torch
 pytest.importorskip("gguf")
 
 import torchq  # noqa: E402
-from torchq import cli  # noqa: E402
-from torchq.configs import config_from_dict  # noqa: E402
-from torchq.model_io import load_model  # noqa: E402
+from torchq.apps import cli  # noqa: E402
+from torchq.quantize.configs import config_from_dict  # noqa: E402
+from torchq.interop.model_io import load_model  # noqa: E402
 
 from gguf_fixtures import tiny  # noqa: E402,F401  (fixture)
 

@@ -11,7 +11,7 @@ from torch import nn
 import torchq
 from torchq.algorithms.configs import VALID_BASES
 from torchq.algorithms.sequential import capture_layer_inputs
-from torchq.configs import config_from_dict, config_from_json
+from torchq.quantize.configs import config_from_dict, config_from_json
 
 from algorithms_fixtures import correlated_inputs, tiny_llama, toy_mlp
 
@@ -77,7 +77,7 @@ class _Tok:
 
 def test_calibration_data_default_text_is_disjoint_from_eval_text():
     from torchq.algorithms.data import calibration_text
-    from torchq.eval import default_text
+    from torchq.apps.eval import default_text
 
     calib = calibration_text()
     held = default_text(10**9)
@@ -106,7 +106,7 @@ def test_calibration_algorithms_need_data():
     with pytest.raises(ValueError, match="calibration is empty"):
         torchq.quantize_(model, torchq.GPTQ(INT4), calibration=[])
     # the plain per-weight path (e.g. quantize-while-loading) refuses too
-    from torchq.handlers import get_handler
+    from torchq.quantize.handlers import get_handler
 
     with pytest.raises(ValueError, match="needs calibration data"):
         get_handler(torchq.AWQ(INT4))(torch.randn(8, 64), torchq.AWQ(INT4))

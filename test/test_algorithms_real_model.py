@@ -24,10 +24,10 @@ pytestmark = pytest.mark.slow
 pytest.importorskip("gguf")
 
 import torchq  # noqa: E402
-from torchq import eval as teval  # noqa: E402
+from torchq.apps import eval as teval  # noqa: E402
 from smollm2 import smollm2_path  # noqa: E402
 from torchq.interop.gguf import GGUFFile  # noqa: E402
-from torchq.model_io import load_model, save_quantized  # noqa: E402
+from torchq.interop.model_io import load_model, save_quantized  # noqa: E402
 
 INT4_G64 = torchq.int4_weight_only(group_size=64)
 

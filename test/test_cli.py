@@ -12,11 +12,11 @@ import torch
 pytest.importorskip("gguf")
 
 import torchq  # noqa: E402
-from torchq import cli  # noqa: E402
-from torchq.schemes_vocab import config_from_scheme, scheme_names  # noqa: E402
+from torchq.apps import cli  # noqa: E402
+from torchq.quantize.schemes import config_from_scheme, scheme_names  # noqa: E402
 
 SCHEME_NAMES = tuple(scheme_names())
-from torchq.model_io import is_torchq_dir, load_model, model_size_bytes  # noqa: E402
+from torchq.interop.model_io import is_torchq_dir, load_model, model_size_bytes  # noqa: E402
 
 from gguf_fixtures import tiny  # noqa: E402,F401  (fixture)
 
@@ -81,7 +81,7 @@ def test_clear_errors(tiny, tmp_path, capsys):
 def test_console_script_entry_point():
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         scripts = tomllib.load(f)["project"]["scripts"]
-    assert scripts == {"torchq": "torchq.cli:main"}
+    assert scripts == {"torchq": "torchq.apps.cli:main"}
 
 
 # ---------------------------------------------------------------------- commands

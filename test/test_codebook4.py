@@ -467,7 +467,7 @@ def test_every_kernel_layout_gathers_embedding_rows_without_untiling():
     canonical layout per call cost 130 ms per token (NF4, SmolLM2). Every kernel layout must
     gather rows directly; prove the lookup never calls ``to_canonical``."""
     import torchq.kernels.cpu_codebook4  # noqa: F401  (registers the codebook layouts)
-    from torchq.tensors.layouts import get_layout, layout_names
+    from torchq.formats.layouts import get_layout, layout_names
 
     kernel_layouts = [get_layout(n) for n in layout_names() if not get_layout(n).is_canonical]
     assert kernel_layouts

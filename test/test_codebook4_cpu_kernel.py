@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import torchq
 from torchq import Codebook4Tensor
 from torchq.kernels import cpu_ext, prefer_kernels
-from torchq.kernels.reference import weight_only_reference
+from torchq.formats.affine.reference import weight_only_reference
 
 pytestmark = pytest.mark.skipif(not cpu_ext.available(), reason="C++ CPU kernels not built")
 

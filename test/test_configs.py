@@ -3,7 +3,7 @@
 import pytest
 
 import torchq
-from torchq.configs import config_from_dict, config_from_json, config_types
+from torchq.quantize.configs import config_from_dict, config_from_json, config_types
 
 ALL = [
     torchq.int8_weight_only(),

@@ -20,10 +20,10 @@ import torchq
 from torchq.kernels import cpu_ext, cpu_kernels, get_kernel
 from torchq.kernels.cpu_layouts import INT4_TILE16, INT8_K4X16, INT8_K16
 from torchq.kernels.numerics import weight_only_route
-from torchq.kernels.reference import int_accumulators
-from torchq.kernels.registry import prefer_kernels
+from torchq.formats.affine.reference import int_accumulators
+from torchq.formats.dispatch import prefer_kernels
 from torchq.primitives.activation import quantize_per_token_int8
-from torchq.tensors import AffineQuantizedTensor
+from torchq.formats import AffineQuantizedTensor
 
 ops = torch.ops.torchq
 HYP = settings(deadline=None, max_examples=30, suppress_health_check=[HealthCheck.too_slow])

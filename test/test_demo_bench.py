@@ -1,4 +1,4 @@
-"""torchq.bench and the demo, on a tiny GGUF llama (the real demo runs SmolLM2)."""
+"""torchq.apps.bench and the demo, on a tiny GGUF llama (the real demo runs SmolLM2)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import torch
 pytest.importorskip("gguf")
 
 import torchq  # noqa: E402
-from torchq import bench as tbench  # noqa: E402
-from torchq import demo  # noqa: E402
-from torchq.model_io import load_model, model_size_bytes  # noqa: E402
+from torchq.apps import bench as tbench  # noqa: E402
+from torchq.apps import demo  # noqa: E402
+from torchq.interop.model_io import load_model, model_size_bytes  # noqa: E402
 
 from gguf_fixtures import tiny  # noqa: E402,F401  (fixture)
 
@@ -108,7 +108,7 @@ def test_compiled_bench_uses_a_static_cache_and_matches_eager(tiny):
 
 
 def test_fused_bench_generates_what_eager_does_and_no_deprecated_cache_keyword(tiny, monkeypatch):
-    """torchq.bench's fused engine is torchq.generate's path; the eager engine passes the KV
+    """torchq.apps.bench's fused engine is torchq.generate's path; the eager engine passes the KV
     cache by the keyword the installed transformers takes (``cache`` from 5.24, where
     ``past_key_values`` is deprecated), so no deprecation warning is printed."""
     import inspect

@@ -1,4 +1,4 @@
-"""torchq.eval: perplexity / KL definitions, windows, text sources, determinism (tiny GGUF llama)."""
+"""torchq.apps.eval: perplexity / KL definitions, windows, text sources, determinism (tiny GGUF llama)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 pytest.importorskip("gguf")
 
 import torchq  # noqa: E402
-from torchq import eval as teval  # noqa: E402
+from torchq.apps import eval as teval  # noqa: E402
 from torchq.interop.gguf import GGUFFile  # noqa: E402
 
 from gguf_fixtures import write_tiny_llama  # noqa: E402

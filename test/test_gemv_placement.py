@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from torchq import Codebook4Tensor
 from torchq.kernels import cpu_ext, hugepages
-from torchq.tensors import AffineQuantizedTensor
+from torchq.formats import AffineQuantizedTensor
 
 pytestmark = pytest.mark.skipif(not cpu_ext.available(), reason="C++ CPU kernels not built")
 ops = torch.ops.torchq

@@ -264,7 +264,7 @@ def test_killed_save_leaves_no_corrupt_checkpoint(tmp_path):
     torchq.save_file(sd, str(path))
     code = textwrap.dedent(f"""
         import os, sys, time
-        from torchq.serialization import atomic_write
+        from torchq.formats.serialization import atomic_write
         def slow(tmp):
             with open(tmp, "wb") as f:
                 f.write(b"half a checkpoint")

@@ -1,5 +1,5 @@
-"""The package's import graph has no cycles, counting imports inside functions too, and the
-numerical primitives depend on nothing else in torchq."""
+"""The package's import graph has no cycles, counting imports inside functions too, and data
+flows one way through the layers: a module imports only modules of its own layer or below."""
 
 from __future__ import annotations
 
@@ -81,6 +81,82 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         if v not in index:
             visit(v)
     return found
+
+
+#: (module-name pattern, layer), first match wins: ``*`` is one name component, a trailing
+#: ``**`` any number of them (none included), ``formats.<folder>`` a format folder.
+#: A format folder (``formats/<name>/``) is one format's whole story, so its modules sit
+#: in the layer of what they are: the tensor in formats, the reference kernel in kernels,
+#: the config and handler in the quantize API (the folder's ``__init__`` with them).
+#: ``integrations`` (transformers glue) sits below ``interop``, whose ``from_pretrained``
+#: builds transformers models through it.
+LAYERS = [
+    ("torchq._version", 0),
+    ("torchq._compile_cache", 0),
+    ("torchq.errors", 0),
+    ("torchq.memory", 0),
+    ("torchq.primitives.**", 1),
+    ("torchq.formats.*.tensor", 2),
+    ("torchq.formats.*.init_ops", 2),
+    ("torchq.formats.*.reference", 3),
+    ("torchq.formats.*.config", 4),
+    ("torchq.formats.*.handler", 4),
+    ("torchq.formats.<folder>", 4),
+    ("torchq.formats.**", 2),
+    ("torchq.kernels.**", 3),
+    ("torchq.quantize.**", 4),
+    ("torchq.algorithms.**", 5),
+    ("torchq.integrations.**", 6),
+    ("torchq.interop.**", 7),
+    ("torchq.runtime.**", 7),
+    ("torchq.apps.**", 9),
+    ("torchq", 10),
+]
+
+
+def _matches(parts: list[str], pattern: str) -> bool:
+    pat = pattern.split(".")
+    if pat[-1] == "**":
+        return parts[: len(pat) - 1] == pat[:-1]
+    if len(parts) != len(pat):
+        return False
+    for name, want in zip(parts, pat):
+        if want == "<folder>":
+            if not (PACKAGE / "formats" / name).is_dir():
+                return False
+        elif want not in ("*", name):
+            return False
+    return True
+
+
+def layer_of(module: str) -> int:
+    parts = module.split(".")
+    for pattern, layer in LAYERS:
+        if _matches(parts, pattern):
+            return layer
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS (or move it into a layer's folder)")
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    return sorted((m, d) for m, deps in graph.items() for d in deps if layer_of(d) > layer_of(m))
+
+
+def test_data_flows_one_way_through_the_layers():
+    assert upward_imports(import_graph()) == []
+
+
+def test_the_layer_check_sees_an_upward_import():
+    assert layer_of("torchq.formats.affine.tensor") == 2
+    assert layer_of("torchq.formats.affine.config") == 4
+    assert layer_of("torchq.formats.dispatch") == 2
+    assert layer_of("torchq.formats.codebook4") == 4
+    assert layer_of("torchq.primitives") == 1
+    assert upward_imports({"torchq.formats.base": {"torchq.quantize.api"}}) == [("torchq.formats.base", "torchq.quantize.api")]
+
+
+def test_top_level_holds_only_the_public_api_and_infrastructure():
+    top = sorted(p.stem for p in PACKAGE.glob("*.py"))
+    assert top == ["__init__", "_compile_cache", "_version", "errors", "memory"], top
 
 
 def test_no_import_cycles():

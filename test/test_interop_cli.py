@@ -9,7 +9,7 @@ pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
 import torchq  # noqa: E402
-from torchq import cli  # noqa: E402
+from torchq.apps import cli  # noqa: E402
 
 from gguf_fixtures import write_tiny_llama  # noqa: E402
 

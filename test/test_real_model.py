@@ -4,7 +4,7 @@
   every imported weight equals transformers' own dequantized load bit for bit and so do
   the logits.
 * Every scheme quantizes the model, generates, reloads bit-exact through
-  ``torchq.save_file`` (:mod:`torchq.model_io`, what ``torchq quantize`` writes), and keeps
+  ``torchq.save_file`` (:mod:`torchq.interop.model_io`, what ``torchq quantize`` writes), and keeps
   its perplexity on held-out text within a bound at least as good as the issue's reference
   points (plain-PyTorch fake quantization, float 15.16 on its text):
 
@@ -23,11 +23,11 @@
   Reference ratios are design.md's perplexities over float 15.16 (15.20, 15.65, 15.16,
   19.13, 19.9-20.5, 20.1); the W8A8 bound allows for their 2-decimal rounding. Like those
   references, the LM head (tied to the embedding) stays float in the perplexity cases; the
-  import case covers a quantized tied head. The text is :func:`torchq.eval.default_text`,
+  import case covers a quantized tied head. The text is :func:`torchq.apps.eval.default_text`,
   24 windows of 256 tokens (float perplexity 15.588 here).
 
 TODO(hf): when the transformers integration merges, also reload every case through
-``save_pretrained`` / ``from_pretrained`` (see :mod:`torchq.model_io`'s TODO).
+``save_pretrained`` / ``from_pretrained`` (see :mod:`torchq.interop.model_io`'s TODO).
 """
 
 from __future__ import annotations
@@ -45,13 +45,13 @@ pytest.importorskip("gguf")
 
 import torchq  # noqa: E402
 from torchq.kernels import prefer_kernels  # noqa: E402
-from torchq import eval as teval  # noqa: E402
-from torchq.schemes_vocab import config_from_scheme, scheme_names  # noqa: E402
+from torchq.apps import eval as teval  # noqa: E402
+from torchq.quantize.schemes import config_from_scheme, scheme_names  # noqa: E402
 
 SCHEME_NAMES = tuple(scheme_names())
 from smollm2 import smollm2_path  # noqa: E402
 from torchq.interop.gguf import GGUFFile  # noqa: E402
-from torchq.model_io import load_model, save_quantized  # noqa: E402
+from torchq.interop.model_io import load_model, save_quantized  # noqa: E402
 
 WINDOWS = 24
 BATCH = 8

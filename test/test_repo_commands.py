@@ -20,5 +20,5 @@ def test_ci_runs_the_readme_test_command():
 def test_readme_first_command_runs_the_demo():
     readme = (ROOT / "README.md").read_text()
     first = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)[0].strip()
-    assert first.endswith("&& python -m torchq.demo"), first
+    assert first.endswith("&& python -m torchq.apps.demo"), first
     assert '".[demo]"' in first

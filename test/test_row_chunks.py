@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import torchq
-from torchq.handlers import get_handler
+from torchq.quantize.handlers import get_handler
 from torchq.memory import release_file_pages, release_free_memory
-from torchq.row_chunks import quantize_in_row_chunks
+from torchq.quantize.row_chunks import quantize_in_row_chunks
 
 CONFIGS = [
     torchq.int8_weight_only(),
@@ -46,7 +46,7 @@ def test_row_blocks_equal_whole(n, k, cfg, rows, dtype):
 
 
 def test_unregistered_formats_are_quantized_whole(monkeypatch):
-    from torchq import row_chunks
+    from torchq.quantize import row_chunks
 
     monkeypatch.setattr(row_chunks, "_STITCHERS", {})
     cfg = torchq.int4_weight_only(group_size=32)

@@ -11,11 +11,18 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 import torchq
 from torchq.kernels import cpu_ext
-from torchq.kernels.registry import prefer_kernels
+from torchq.formats.dispatch import prefer_kernels
 from torchq.runtime import FusedDecoder, UnsupportedModelError, generate
 
 from algorithms_fixtures import tiny_llama

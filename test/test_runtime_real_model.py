@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from torchq.eval import default_text
+    from torchq.apps.eval import default_text
     from torchq.interop.gguf import GGUFFile
 
     f = GGUFFile(smollm2_path())

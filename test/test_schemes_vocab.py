@@ -3,8 +3,8 @@
 import pytest
 
 import torchq
-from torchq import configs
-from torchq.schemes_vocab import config_from_scheme, register_scheme, scheme_names
+from torchq.formats.affine import config as configs
+from torchq.quantize.schemes import config_from_scheme, register_scheme, scheme_names
 
 
 def test_affine_names_build_their_configs():
@@ -56,6 +56,6 @@ def test_registration_table():
         with pytest.raises(ValueError, match="lower-case"):
             register_scheme("Int3", make, "bad name")
     finally:
-        from torchq import schemes_vocab
+        from torchq.quantize import schemes as schemes_vocab
 
         schemes_vocab._SCHEMES.pop("int3_test", None)

@@ -157,23 +157,23 @@ def test_mismatched_checkpoints_fail_with_key_and_shapes():
 
 def test_bad_safetensors_files(tmp_path):
     m = quantized(torchq.int4_weight_only(group_size=32))
-    flat, header = torchq.serialization.flatten_state_dict(m.state_dict())
+    flat, header = torchq.formats.serialization.flatten_state_dict(m.state_dict())
     meta = json.loads(header["torchq"])
     meta["entries"]["proj.weight"]["version"] = 99
     with pytest.raises(ValueError, match=r"proj\.weight: torchq affine tensor format version 99 is not supported"):
-        torchq.serialization.unflatten_state_dict(flat, {"torchq": json.dumps(meta)})
+        torchq.formats.serialization.unflatten_state_dict(flat, {"torchq": json.dumps(meta)})
     flat2 = dict(flat)
     flat2["proj.weight::scale"] = flat2["proj.weight::scale"][:, :1]
     with pytest.raises(torchq.CheckpointError, match=r"proj\.weight::scale: data does not match its checksum"):
-        torchq.serialization.unflatten_state_dict(flat2, header)
+        torchq.formats.serialization.unflatten_state_dict(flat2, header)
     old_style = json.loads(header["torchq"])
     del old_style["crc32"], old_style["crc32_complete"]  # a file written before checksums: shapes still validated
     old_header = {"torchq": json.dumps(old_style)}
     with pytest.raises(torchq.CheckpointError, match=r"proj\.weight: invalid AffineQuantizedTensor: scale shape \(80, 1\) != \(80, 3\)"):
-        torchq.serialization.unflatten_state_dict(flat2, old_header)
+        torchq.formats.serialization.unflatten_state_dict(flat2, old_header)
     del flat2["proj.weight::scale"]
     with pytest.raises(torchq.CheckpointError, match="missing inner tensor 'proj.weight::scale'"):
-        torchq.serialization.unflatten_state_dict(flat2, old_header)
+        torchq.formats.serialization.unflatten_state_dict(flat2, old_header)
 
 
 def test_deepcopy_and_pickle_of_module():
@@ -184,3 +184,21 @@ def test_deepcopy_and_pickle_of_module():
     torch.save(m, buf)
     buf.seek(0)
     assert torch.equal(torch.load(buf, weights_only=False)(IDX), y)
+
+
+@pytest.mark.parametrize("config", [torchq.int4_weight_only(group_size=32), torchq.nf4_weight_only()], ids=["affine", "codebook4"])
+def test_pickled_names_are_the_checkpoint_formats_not_the_code_layout(tmp_path, config):
+    """.pt files name the rebuild function by its v1 path (torchq.tensors.*), whatever
+    folder the code lives in now, and load with and without weights_only."""
+    import zipfile
+
+    lin = torch.nn.Linear(64, 8)
+    torchq.quantize_(lin, config)
+    path = tmp_path / "w.pt"
+    torch.save({"w": lin.weight}, path)
+    with zipfile.ZipFile(path) as z:
+        pkl = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+    assert b"torchq.tensors." in pkl and b"torchq.formats" not in pkl
+    for weights_only in (True, False):
+        back = torch.load(path, weights_only=weights_only)["w"]
+        assert torch.equal(back.dequantize(), lin.weight.dequantize())

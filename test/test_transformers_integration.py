@@ -16,10 +16,16 @@ import torch
 from torch import nn
 
 import torchq
-from torchq.tensors import AffineQuantizedTensor, TorchqTensor
+from torchq.formats import AffineQuantizedTensor, TorchqTensor
 
 transformers = pytest.importorskip("transformers")
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from torchq.integrations.transformers import TorchqConfig, TorchqQuantize, mark_quantized  # noqa: E402
 

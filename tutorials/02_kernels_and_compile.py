@@ -26,7 +26,7 @@ from torch import nn
 
 import torchq
 from torchq.kernels import cpu_ext
-from torchq.kernels.registry import prefer_kernels
+from torchq.formats.dispatch import prefer_kernels
 
 
 class MLP(nn.Module):

@@ -23,7 +23,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from dev_timing import dram_gbps, flush  # noqa: E402
 
 from torchq import Codebook4Tensor  # noqa: E402
-from torchq.tensors import AffineQuantizedTensor  # noqa: E402
+from torchq.formats import AffineQuantizedTensor  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--shapes", default="4096x4096,11008x4096,576x576,1536x576")

@@ -2,7 +2,7 @@
 to tune compute efficiency on a noisy shared host. PYTHONPATH=. python benchmarks/dev/dev_hot.py [M ...]"""
 import sys, time
 import torch, torch.nn.functional as F
-from torchq.tensors import AffineQuantizedTensor
+from torchq.formats import AffineQuantizedTensor
 torch.set_num_threads(1)
 N, K = 1024, 2048
 w = torch.randn(N, K)

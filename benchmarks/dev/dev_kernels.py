@@ -7,7 +7,7 @@ import torch, torch.nn.functional as F
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from dev_timing import bench, dram_gbps, flush
 import torchq
-from torchq.tensors import AffineQuantizedTensor
+from torchq.formats import AffineQuantizedTensor
 
 p = argparse.ArgumentParser()
 p.add_argument("shape", nargs="*", type=int, default=[11008, 4096])

@@ -3,7 +3,7 @@
 PYTHONPATH=. python benchmarks/dev/dev_small.py [threads]"""
 import sys, time
 import torch, torch.nn.functional as F
-from torchq.tensors import AffineQuantizedTensor
+from torchq.formats import AffineQuantizedTensor
 torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
 M_LIST = [int(m) for m in sys.argv[2].split(",")] if len(sys.argv) > 2 else [1]
 def best(fn, n=200):

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 import torchq
-from torchq.serialization import CONTAINER_VERSION
-from torchq.tensors.affine_quantized import FORMAT_VERSION as AFFINE_VERSION
-from torchq.tensors.codebook4 import FORMAT_VERSION as CODEBOOK_VERSION
+from torchq.formats.serialization import CONTAINER_VERSION
+from torchq.formats.affine.tensor import FORMAT_VERSION as AFFINE_VERSION
+from torchq.formats.codebook4.tensor import FORMAT_VERSION as CODEBOOK_VERSION
 
 SCHEMES = {
     "int4_g32": lambda: torchq.int4_weight_only(group_size=32),

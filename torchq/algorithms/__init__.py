@@ -5,7 +5,7 @@ produces the storage config's ordinary tensors. :mod:`.sequential` drives calibr
 decoder layer at a time; :mod:`.grid` defines what each storage format can round to.
 """
 
-from .configs import (
+from torchq.algorithms.configs import (
     AWQ,
     AWQConfig,
     AlgorithmConfig,
@@ -19,9 +19,13 @@ from .configs import (
     SmoothQuantConfig,
     VALID_BASES,
 )
-from .data import calibration_data
-from . import autoround, awq, gptq, hqq, smoothquant  # noqa: F401  (register the algorithms)
-from . import handlers  # noqa: F401  (registers handlers for the algorithm configs)
+from torchq.algorithms.data import calibration_data
+from torchq.algorithms import autoround, awq, gptq, hqq, smoothquant  # noqa: F401  (register the algorithms)
+from torchq.algorithms import handlers  # noqa: F401  (registers handlers for the algorithm configs)
+from torchq.algorithms.sequential import calibrate as _calibrate
+from torchq.quantize.api import register_calibrator as _register_calibrator
+
+_register_calibrator(_calibrate)  # quantize_(..., calibration=...) hands algorithm configs to it
 
 __all__ = [
     "AlgorithmConfig",

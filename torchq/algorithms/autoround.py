@@ -19,9 +19,9 @@ import math
 import torch
 from torch.func import functional_call
 
-from .configs import AlgorithmConfig, storage_config
-from .grid import AffineGrid, CodebookGrid, Grid, grid_for
-from .registry import register_algorithm
+from torchq.algorithms.configs import AlgorithmConfig, storage_config
+from torchq.algorithms.grid import AffineGrid, CodebookGrid, Grid, grid_for
+from torchq.algorithms.registry import register_algorithm
 
 __all__ = ["RoundingParams", "autoround_block"]
 

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import torch
 
-from .configs import AlgorithmConfig, storage_config
-from .folding import fold_scales, scale_groups
-from .grid import grid_for
-from .registry import get_algorithm, register_algorithm
-from .stats import input_stats
+from torchq.algorithms.configs import AlgorithmConfig, storage_config
+from torchq.algorithms.folding import fold_scales, scale_groups
+from torchq.algorithms.grid import grid_for
+from torchq.algorithms.registry import get_algorithm, register_algorithm
+from torchq.algorithms.stats import input_stats
 
 __all__ = ["search_scale", "search_clip", "round_to_nearest"]
 

@@ -18,17 +18,15 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
-from ..codebook_configs import FP4WeightOnlyConfig, NF4WeightOnlyConfig
-from ..configs import (
+from torchq.formats.codebook4.config import FP4WeightOnlyConfig, NF4WeightOnlyConfig
+from torchq.formats.affine.config import (
     Int4WeightOnlyConfig,
     Int8DynamicActivationInt4WeightConfig,
     Int8DynamicActivationInt8WeightConfig,
     Int8WeightOnlyConfig,
     IntxWeightOnlyConfig,
-    QuantConfig,
-    config_from_dict,
-    register_config,
 )
+from torchq.quantize.configs import QuantConfig, config_from_dict, register_config
 
 __all__ = [
     "AlgorithmConfig",

@@ -1,7 +1,7 @@
 """Calibration data: token windows for the algorithms that look at activations.
 
 Default text: the first two thirds of Python's ``pydoc_data.topics`` (topics joined in
-sorted key order, which is their stored order). :func:`torchq.eval.default_text` scores
+sorted key order, which is their stored order). :func:`torchq.apps.eval.default_text` scores
 on the last third, so calibration never sees evaluation text. Windows are spread evenly
 over the tokens (non-overlapping while the text is long enough; deterministic).
 """

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..tensors.base import TorchqTensor
+from torchq.formats.base import TorchqTensor
 
 __all__ = ["FOLDS", "ScaleGroup", "scale_groups", "fold_scales", "is_foldable"]
 

@@ -20,10 +20,10 @@ from typing import Optional
 
 import torch
 
-from .grid import Grid, grid_for
-from .configs import storage_config
-from .registry import register_algorithm
-from .stats import hessians
+from torchq.algorithms.grid import Grid, grid_for
+from torchq.algorithms.configs import storage_config
+from torchq.algorithms.registry import register_algorithm
+from torchq.algorithms.stats import hessians
 
 __all__ = ["gptq_quantize", "fit_mse"]
 

@@ -25,20 +25,26 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..codebook_configs import FP4WeightOnlyConfig, NF4WeightOnlyConfig
-from ..configs import (
+from torchq.formats.codebook4.config import FP4WeightOnlyConfig, NF4WeightOnlyConfig
+from torchq.formats.affine.config import (
     Int4WeightOnlyConfig,
     Int8DynamicActivationInt4WeightConfig,
     Int8DynamicActivationInt8WeightConfig,
     Int8WeightOnlyConfig,
     IntxWeightOnlyConfig,
-    QuantConfig,
 )
-from ..handlers import resolve_group
-from ..primitives.affine import quant_range
-from ..primitives.codebook import _decision_cached, codebook_values, double_quantize_scales, get_codebook, pack_codes
-from ..tensors.affine_quantized import AffineQuantizedTensor, _pad_columns
-from ..tensors.codebook4 import Codebook4Tensor
+from torchq.quantize.configs import QuantConfig
+from torchq.quantize.handlers import resolve_group
+from torchq.primitives.affine import quant_range
+from torchq.primitives.codebook import (
+    _decision_cached,
+    codebook_values,
+    double_quantize_scales,
+    get_codebook,
+    pack_codes,
+)
+from torchq.formats.affine.tensor import AffineQuantizedTensor, _pad_columns
+from torchq.formats.codebook4.tensor import Codebook4Tensor
 
 __all__ = ["Grid", "AffineGrid", "CodebookGrid", "grid_for", "register_grid"]
 

@@ -7,9 +7,9 @@ checkpoint loads) raises, saying how to calibrate.
 
 from __future__ import annotations
 
-from ..handlers import register_handler
-from .configs import AWQConfig, AutoRoundConfig, GPTQConfig, SmoothQuantConfig
-from . import hqq  # noqa: F401  (HQQ's handler)
+from torchq.quantize.handlers import register_handler
+from torchq.algorithms.configs import AWQConfig, AutoRoundConfig, GPTQConfig, SmoothQuantConfig
+from torchq.algorithms import hqq  # noqa: F401  (HQQ's handler)
 
 
 @register_handler(GPTQConfig)

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from ..handlers import register_handler
-from .configs import HQQConfig, storage_config
-from .grid import AffineGrid, Grid, grid_for
-from .registry import register_algorithm
+from torchq.quantize.handlers import register_handler
+from torchq.algorithms.configs import HQQConfig, storage_config
+from torchq.algorithms.grid import AffineGrid, Grid, grid_for
+from torchq.algorithms.registry import register_algorithm
 
 __all__ = ["hqq_fit", "proxy_loss", "hqq_tensor"]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..configs import QuantConfig
-from .configs import AWQ, GPTQ, HQQ, AutoRound, SmoothQuant
+from torchq.quantize.configs import QuantConfig
+from torchq.algorithms.configs import AWQ, GPTQ, HQQ, AutoRound, SmoothQuant
 
 __all__ = ["ALGORITHM_NAMES", "with_algorithm"]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .configs import AlgorithmConfig
+from torchq.algorithms.configs import AlgorithmConfig
 
 __all__ = ["Process", "register_algorithm", "get_algorithm"]
 

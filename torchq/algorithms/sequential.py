@@ -30,10 +30,10 @@ from typing import Callable, Mapping, Optional
 import torch
 from torch import nn
 
-from ..configs import QuantConfig
-from .configs import AlgorithmConfig, storage_config
-from .data import as_model_inputs, check_calibration
-from .registry import get_algorithm
+from torchq.quantize.configs import QuantConfig
+from torchq.algorithms.configs import AlgorithmConfig, storage_config
+from torchq.algorithms.data import as_model_inputs, check_calibration
+from torchq.algorithms.registry import get_algorithm
 
 __all__ = ["Block", "calibrate", "decoder_layers", "capture_layer_inputs", "process_block"]
 
@@ -123,7 +123,7 @@ def capture_layer_inputs(model: nn.Module, layer: nn.Module, items: list) -> lis
 
 def _targets(model, config, filter_fn, overrides) -> dict[str, AlgorithmConfig]:
     """Linear name -> calibration-needing algorithm config (after overrides and filter_fn)."""
-    from ..layer_plan import config_for
+    from torchq.quantize.layer_plan import config_for
 
     out = {}
     for name, mod in model.named_modules():
@@ -168,11 +168,11 @@ def calibrate(
 ):
     """Quantize every linear whose config is a calibration algorithm.
 
-    Returns ``(reports, substitutes)``: :class:`~torchq.layer_plan.LayerReport` per calibrated
+    Returns ``(reports, substitutes)``: :class:`~torchq.quantize.layer_plan.LayerReport` per calibrated
     linear, and ``{name: storage config}`` for targets outside the decoder layers, which
     :func:`torchq.quantize_` then rounds to nearest like any other layer.
     """
-    from ..layer_plan import LayerReport
+    from torchq.quantize.layer_plan import LayerReport
 
     targets = _targets(model, config, filter_fn, dict(overrides or {}))
     if not targets:

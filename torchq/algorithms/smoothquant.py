@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .awq import scale_then_round
-from .registry import register_algorithm
+from torchq.algorithms.awq import scale_then_round
+from torchq.algorithms.registry import register_algorithm
 
 __all__ = ["smooth_scale"]
 

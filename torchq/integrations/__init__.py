@@ -21,7 +21,7 @@ _REGISTRY_MODULE = "transformers.quantizers.auto"
 
 
 def _register() -> None:
-    from . import transformers as _hf  # noqa: F401  (registers on import)
+    from torchq.integrations import transformers as _hf  # noqa: F401  (registers on import)
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):
@@ -56,7 +56,7 @@ def mark_transformers_model(model, config, report) -> None:
         return
     if report.count("skipped") == len(report.layers):
         return
-    from .transformers import TorchqConfig, mark_quantized
+    from torchq.integrations.transformers import TorchqConfig, mark_quantized
 
     current = getattr(model.config, "quantization_config", None)
     if isinstance(current, TorchqConfig) and getattr(model, "hf_quantizer", None) is not None:

@@ -17,7 +17,7 @@ input embedding is quantized once: the embedding weight is quantized with the he
 config and the tie makes both modules hold the same quantized tensor (the embedding
 dequantizes only the rows it looks up), as :func:`torchq.quantize_` does.
 
-**Checkpoint layout** (the :mod:`torchq.serialization` container): a quantized weight
+**Checkpoint layout** (the :mod:`torchq.formats.serialization` container): a quantized weight
 ``K`` is stored as plain tensors ``K::qdata``, ``K::scale``, ... with its format in the
 safetensors header under ``"torchq"`` (every shard carries the whole header, so one
 weight's pieces may sit in different shards), plus a 6-byte *guard* tensor under ``K``
@@ -47,12 +47,12 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import should_convert_module
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..layer_plan import LayerReport, QuantizationReport, config_for
-from ..configs import QuantConfig, config_from_dict
-from ..memory import release_file_pages, release_free_memory
-from ..row_chunks import quantize_in_row_chunks
-from ..schemes_vocab import config_from_scheme
-from ..serialization import (
+from torchq.quantize.layer_plan import LayerReport, QuantizationReport, config_for
+from torchq.quantize.configs import QuantConfig, config_from_dict
+from torchq.memory import release_file_pages, release_free_memory
+from torchq.quantize.row_chunks import quantize_in_row_chunks
+from torchq.quantize.schemes import config_from_scheme
+from torchq.formats.serialization import (
     HEADER_KEY,
     SEPARATOR,
     check_crc32,
@@ -61,7 +61,7 @@ from ..serialization import (
     rebuild_entry,
     tensor_crc32,
 )
-from ..tensors.base import TorchqTensor
+from torchq.formats.base import TorchqTensor
 
 __all__ = ["TorchqConfig", "TorchqHfQuantizer", "QUANT_METHOD", "mark_quantized", "checkpoint_state_dict"]
 
@@ -77,7 +77,7 @@ class TorchqConfig(QuantizationConfigMixin):
     """transformers ``quantization_config`` for torchq.
 
     ``quant_config``: a torchq config (``int4_weight_only(group_size=64)``), a scheme name
-    from :mod:`torchq.schemes_vocab` (``"int4"``, with ``group_size`` and other options as
+    from :mod:`torchq.quantize.schemes` (``"int4"``, with ``group_size`` and other options as
     keywords), a dict from ``config.json``, or ``None`` for a checkpoint that is already
     quantized (formats per tensor in the file, e.g. imported from GGUF).
     ``modules_to_not_convert``: module names kept in float (transformers' matching: prefix
@@ -122,7 +122,7 @@ class TorchqConfig(QuantizationConfigMixin):
         for k, v in self.overrides.items():
             if v is not None and not isinstance(v, QuantConfig):
                 raise TypeError(f"override {k!r}: expected a torchq config or None, got {type(v).__name__}")
-        from .._version import __version__
+        from torchq._version import __version__
 
         self.torchq_version = torchq_version or __version__
 

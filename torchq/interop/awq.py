@@ -21,8 +21,8 @@ from typing import Callable, Mapping
 
 import torch
 
-from .bitpack import pack_int32, unpack_int32
-from .intweight import IntWeight, bytes_as_words, words_as_bytes
+from torchq.interop.bitpack import pack_int32, unpack_int32
+from torchq.interop.intweight import IntWeight, bytes_as_words, words_as_bytes
 
 __all__ = ["read_awq", "write_awq", "awq_config", "AWQ_ORDER", "gemv_zeros_width", "VERSIONS"]
 

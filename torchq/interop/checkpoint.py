@@ -21,9 +21,9 @@ from typing import Callable, Mapping, Optional
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
-from . import awq, compressed_tensors, gptq
-from .intweight import ACTIVATION_SCHEMES, IntWeight, to_torchq
+from torchq.errors import CheckpointError
+from torchq.interop import awq, compressed_tensors, gptq
+from torchq.interop.intweight import ACTIVATION_SCHEMES, IntWeight, to_torchq
 
 __all__ = ["LazyTensors", "Importer", "IMPORTERS", "detect_format", "read_quantization_config", "load_quantized_dir"]
 

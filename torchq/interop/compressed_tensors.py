@@ -30,8 +30,8 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
-from .bitpack import pack_int32, per_word, unpack_int32
-from .intweight import IntWeight, bytes_as_words, words_as_bytes
+from torchq.interop.bitpack import pack_int32, per_word, unpack_int32
+from torchq.interop.intweight import IntWeight, bytes_as_words, words_as_bytes
 
 __all__ = [
     "read_ct",

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
-from ..tensors.affine_quantized import AffineQuantizedTensor
+from torchq.errors import CheckpointError
+from torchq.formats.affine.tensor import AffineQuantizedTensor
 
 __all__ = [
     "load_gguf",

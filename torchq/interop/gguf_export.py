@@ -31,11 +31,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..primitives.affine import ZeroPointDomain
-from ..serialization import atomic_write
-from ..tensors.affine_quantized import AffineQuantizedTensor
-from ..tensors.base import TorchqTensor
-from .gguf import GROUP, gguf_to_hf_names, rotary_row_permutation
+from torchq.primitives.affine import ZeroPointDomain
+from torchq.formats.serialization import atomic_write
+from torchq.formats.affine.tensor import AffineQuantizedTensor
+from torchq.formats.base import TorchqTensor
+from torchq.interop.gguf import GROUP, gguf_to_hf_names, rotary_row_permutation
 
 __all__ = ["save_gguf", "gguf_block_type", "encode_blocks", "ENCODERS"]
 

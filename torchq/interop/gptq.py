@@ -23,8 +23,8 @@ from typing import Callable, Mapping
 
 import torch
 
-from .bitpack import pack_int32, per_word, unpack_int32
-from .intweight import IntWeight, bytes_as_words, words_as_bytes
+from torchq.interop.bitpack import pack_int32, per_word, unpack_int32
+from torchq.interop.intweight import IntWeight, bytes_as_words, words_as_bytes
 
 __all__ = ["read_gptq", "write_gptq", "gptq_config", "CHECKPOINT_FORMATS", "TENSOR_NAMES"]
 

@@ -26,9 +26,9 @@ from typing import Optional
 
 import torch
 
-from ..primitives.affine import ZeroPointDomain
-from ..primitives.packing import pack_int4, unpack_int4
-from ..tensors.affine_quantized import AffineQuantizedTensor
+from torchq.primitives.affine import ZeroPointDomain
+from torchq.primitives.packing import pack_int4, unpack_int4
+from torchq.formats.affine.tensor import AffineQuantizedTensor
 
 __all__ = ["IntWeight", "to_torchq", "from_torchq", "words_as_bytes", "bytes_as_words", "SCHEME_FOR_BITS", "ACTIVATION_SCHEMES"]
 

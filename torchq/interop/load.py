@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .checkpoint import detect_format, load_quantized_dir, read_quantization_config
+from torchq.interop.checkpoint import detect_format, load_quantized_dir, read_quantization_config
 
 __all__ = ["from_pretrained", "detect_source", "LOADERS", "load_tokenizer"]
 
@@ -42,7 +42,7 @@ def detect_source(path: str) -> str:
         raise FileNotFoundError(f"no checkpoint at {path!r}: expected a directory with config.json or a .gguf file")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path} has no config.json; is it a transformers checkpoint directory?")
-    from ..model_io import is_torchq_dir
+    from torchq.interop.model_io import is_torchq_dir
 
     if is_torchq_dir(path):
         return "torchq-legacy"
@@ -53,7 +53,7 @@ def detect_source(path: str) -> str:
 
 
 def _load_gguf(path, dtype, **kw):
-    from .gguf import load_gguf
+    from torchq.interop.gguf import load_gguf
 
     return load_gguf(path, dtype=dtype)
 
@@ -65,7 +65,7 @@ def _load_foreign(path, dtype, **kw):
 def _load_transformers(path, dtype, **kw):
     from transformers import AutoModelForCausalLM
 
-    from .. import integrations  # noqa: F401  (registers quant_method "torchq")
+    from torchq import integrations  # noqa: F401  (registers quant_method "torchq")
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
     _release_file_mapping(model)
@@ -79,7 +79,7 @@ def _release_file_mapping(model: nn.Module) -> None:
     (a norm weight) is a view into it: one such view keeps every page of the file resident,
     although the quantized codes were already copied into their kernel layouts (SmolLM2 int4:
     84 MB of RSS for nothing). The copies are the model's small float tensors only."""
-    from ..tensors import TorchqTensor
+    from torchq.formats import TorchqTensor
 
     params = list(model.named_parameters())
     if not any(isinstance(p, TorchqTensor) for _, p in params):
@@ -91,7 +91,7 @@ def _release_file_mapping(model: nn.Module) -> None:
 
 
 def _load_legacy(path, dtype, **kw):
-    from ..model_io import load_model
+    from torchq.interop.model_io import load_model
 
     return load_model(path, dtype=dtype).model
 
@@ -143,7 +143,7 @@ def load_tokenizer(path: str):
 
     path = os.fspath(path)
     if os.path.isfile(path) and _is_gguf_file(path):
-        from .gguf import load_gguf_tokenizer
+        from torchq.interop.gguf import load_gguf_tokenizer
 
         return load_gguf_tokenizer(path)
     names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")

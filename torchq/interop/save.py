@@ -20,11 +20,11 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 from torch import nn
 
-from . import awq, compressed_tensors, gptq
-from .intweight import IntWeight, from_torchq
-from ..serialization import atomic_write
-from ..tensors.affine_quantized import AffineQuantizedTensor
-from ..tensors.base import TorchqTensor
+from torchq.interop import awq, compressed_tensors, gptq
+from torchq.interop.intweight import IntWeight, from_torchq
+from torchq.formats.serialization import atomic_write
+from torchq.formats.affine.tensor import AffineQuantizedTensor
+from torchq.formats.base import TorchqTensor
 
 __all__ = ["save_pretrained", "EXPORTERS", "Exporter", "FORMAT_NAMES", "write_shards"]
 
@@ -195,7 +195,7 @@ def save_pretrained(
 
 
 def _save_torchq(model: nn.Module, out_dir: str, max_shard_size) -> None:
-    from ..integrations.transformers import QUANT_METHOD, mark_quantized
+    from torchq.integrations.transformers import QUANT_METHOD, mark_quantized
 
     if getattr(model, "quantization_method", None) != QUANT_METHOD:
         mark_quantized(model)

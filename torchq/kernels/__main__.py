@@ -1,5 +1,5 @@
 """``python -m torchq.kernels``: this CPU's features and the path every kernel takes."""
 
-from .cpu_info import cpu_report
+from torchq.kernels.cpu_info import cpu_report
 
 print(cpu_report())

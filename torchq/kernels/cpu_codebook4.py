@@ -30,13 +30,13 @@ from functools import lru_cache, partial
 
 import torch
 
-from ..primitives.codebook import codebook_values, dynamic_map, on_codebook_registered
-from ..tensors.layouts import Layout, register_layout
-from . import cpu_ext
-from .cpu_kernels import WEIGHT_ONLY_NUMERICS, register_cpu_kernel, weight_only_arithmetic
-from .numerics import bf16_allowed
-from .cpu_layouts import _int4_from, _int4_rows, _int4_to
-from .registry import LinearKernel
+from torchq.primitives.codebook import codebook_values, dynamic_map, on_codebook_registered
+from torchq.formats.layouts import Layout, register_layout
+from torchq.kernels import cpu_ext
+from torchq.kernels.cpu_kernels import WEIGHT_ONLY_NUMERICS, register_cpu_kernel, weight_only_arithmetic
+from torchq.kernels.numerics import bf16_allowed
+from torchq.kernels.cpu_layouts import _int4_from, _int4_rows, _int4_to
+from torchq.formats.dispatch import LinearKernel
 
 __all__ = ["CODEBOOK4_LAYOUTS", "CODEBOOK4_KERNELS", "codebook4_linear", "KERNEL_CONSTANTS"]
 

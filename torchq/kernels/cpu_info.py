@@ -7,9 +7,9 @@ import platform
 
 import torch
 
-from . import cpu_ext
-from .cpu_kernels import BF16_MIN_M, GEMM_MIN_M
-from .numerics import weight_only_route
+from torchq.kernels import cpu_ext
+from torchq.kernels.cpu_kernels import BF16_MIN_M, GEMM_MIN_M
+from torchq.kernels.numerics import weight_only_route
 
 __all__ = ["cpu_model", "cpu_features", "cpu_report", "cpu_summary"]
 

@@ -31,11 +31,13 @@ from __future__ import annotations
 
 import torch
 
-from . import cpu_ext
-from . import cpu_layouts  # noqa: F401  (registers the tiled layouts)
-from . import cpu_ops  # noqa: F401  (fake implementations and autograd of the ops, registered at load)
-from .numerics import bf16_allowed, weight_only_route
-from .registry import LinearKernel, register_kernel
+from torchq.kernels import cpu_ext
+from torchq.kernels import cpu_layouts  # noqa: F401  (registers the tiled layouts)
+from torchq.kernels import (  # noqa: F401  (fake implementations and autograd of the ops, registered at load)
+    cpu_ops,
+)
+from torchq.kernels.numerics import bf16_allowed, weight_only_route
+from torchq.formats.dispatch import LinearKernel, register_kernel
 
 __all__ = ["GEMM_MIN_M", "BF16_MIN_M", "CPU_KERNELS", "WEIGHT_ONLY_NUMERICS", "register_cpu_kernel", "weight_only_arithmetic"]
 

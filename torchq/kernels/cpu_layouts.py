@@ -24,9 +24,9 @@ from typing import Callable, Optional
 
 import torch
 
-from ..primitives.packing import pack_int4, unpack_int4
-from ..tensors.layouts import Layout, register_layout
-from .hugepages import empty_huge
+from torchq.primitives.packing import pack_int4, unpack_int4
+from torchq.formats.layouts import Layout, register_layout
+from torchq.kernels.hugepages import empty_huge
 
 __all__ = ["TILE", "INT4_TILE16", "INT8_K16", "INT8_K4X16"]
 

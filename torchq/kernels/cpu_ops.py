@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import cpu_ext
+from torchq.kernels import cpu_ext
 
 __all__: list[str] = []
 
@@ -32,8 +32,8 @@ def _rows(x: torch.Tensor):
 # kernel layout. The dynamic-int8 ops (W8A8, W4A8) use the straight-through estimator for
 # their activation rounding. The quantized weight itself gets no gradient.
 def _weight_from_layout(layout_name: str, qdata, scale, zero_point, group_size: int, quant_min: int, k: int):
-    from ..primitives.affine import dequantize_affine
-    from . import cpu_layouts as L
+    from torchq.primitives.affine import dequantize_affine
+    from torchq.kernels import cpu_layouts as L
 
     codes_of = {"cpu_int4_tile16": L.int4_tile16_codes, "cpu_int8_k16": L.int8_k16_codes,
                 "cpu_int8_k4x16": L.int8_k4x16_codes}[layout_name]

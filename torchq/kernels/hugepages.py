@@ -42,7 +42,7 @@ def enabled() -> bool:
     """Whether :func:`empty_huge` uses huge-page placement in this process."""
     if not sys.platform.startswith("linux") or os.environ.get("TORCHQ_HUGEPAGES", "1") == "0":
         return False
-    from . import cpu_ext
+    from torchq.kernels import cpu_ext
 
     return cpu_ext.available()
 

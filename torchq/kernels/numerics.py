@@ -39,7 +39,7 @@ def weight_only_route(x_dtype: torch.dtype, m: int, weight_numerics: str = "auto
     """What the C++ weight-only kernels run for ``m`` rows of ``x_dtype`` activations on the
     current ISA path under the current precision: ``"fp32"``, ``"bf16_gemm"`` (torchq's
     AVX512-BF16 GEMM) or ``"onednn_bf16"`` (weights dequantized to bf16, oneDNN's GEMM)."""
-    from . import cpu_ext
+    from torchq.kernels import cpu_ext
 
     if not cpu_ext.available():
         return "fp32"

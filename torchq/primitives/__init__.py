@@ -1,7 +1,11 @@
 """Numerical definitions of torchq's formats, in plain PyTorch (the source of truth)."""
 
-from .activation import fake_quantize_per_token_int8, quantize_per_token_int8, quantize_per_token_uint8
-from .affine import (
+from torchq.primitives.activation import (
+    fake_quantize_per_token_int8,
+    quantize_per_token_int8,
+    quantize_per_token_uint8,
+)
+from torchq.primitives.affine import (
     ZeroPointDomain,
     block_size_for,
     choose_qparams_affine,
@@ -10,7 +14,7 @@ from .affine import (
     quant_range,
     quantize_affine,
 )
-from .packing import pack_int4, unpack_int4
+from torchq.primitives.packing import pack_int4, unpack_int4
 
 __all__ = [
     "ZeroPointDomain",

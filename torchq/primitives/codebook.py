@@ -49,7 +49,7 @@ from typing import Optional
 
 import torch
 
-from .packing import pack_int4, unpack_int4
+from torchq.primitives.packing import pack_int4, unpack_int4
 
 __all__ = [
     "Codebook",

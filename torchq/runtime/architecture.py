@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import UnsupportedModelError
+from torchq.runtime.errors import UnsupportedModelError
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "STATIC_ROPE_TYPES", "DecoderArchitecture", "inspect_model"]
 

@@ -15,11 +15,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..kernels import cpu_ext
-from ..kernels.numerics import weight_only_route
-from .architecture import DecoderArchitecture, inspect_model, rope_tables
-from .errors import UnsupportedModelError
-from .weights import CB4, DENSE, INT4, INT8, W4A8, check_activations, decoder_kind, linear_spec
+from torchq.kernels import cpu_ext
+from torchq.kernels.numerics import weight_only_route
+from torchq.runtime.architecture import DecoderArchitecture, inspect_model, rope_tables
+from torchq.runtime.errors import UnsupportedModelError
+from torchq.runtime.weights import CB4, DENSE, INT4, INT8, W4A8, check_activations, decoder_kind, linear_spec
 
 __all__ = ["FusedDecoder", "KV_DTYPES"]
 

@@ -7,8 +7,8 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
-from .decoder import FusedDecoder
-from .sampling import check_sampling, next_token
+from torchq.runtime.decoder import FusedDecoder
+from torchq.runtime.sampling import check_sampling, next_token
 
 __all__ = ["generate", "PREFILL_CHUNK"]
 

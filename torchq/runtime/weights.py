@@ -10,9 +10,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..kernels.cpu_codebook4 import CODEBOOK4_KERNELS
-from ..tensors import AffineQuantizedTensor, Codebook4Tensor
-from .errors import UnsupportedModelError
+from torchq.kernels.cpu_codebook4 import CODEBOOK4_KERNELS
+from torchq.formats import AffineQuantizedTensor, Codebook4Tensor
+from torchq.runtime.errors import UnsupportedModelError
 
 __all__ = ["DecoderWeightKind", "register_decoder_kind", "decoder_kind", "linear_spec", "ACTIVATIONS", "check_activations"]
 

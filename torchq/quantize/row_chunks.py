@@ -22,10 +22,10 @@ from typing import Callable, Optional
 
 import torch
 
-from .configs import QuantConfig
-from .handlers import get_handler
-from .memory import release_free_memory
-from .tensors.affine_quantized import AffineQuantizedTensor
+from torchq.quantize.configs import QuantConfig
+from torchq.quantize.handlers import get_handler
+from torchq.memory import release_free_memory
+from torchq.formats.affine.tensor import AffineQuantizedTensor
 
 __all__ = ["quantize_in_row_chunks", "register_row_stitcher", "DEFAULT_CHUNK_BYTES"]
 

@@ -24,18 +24,18 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from ..kernels.registry import get_kernel, select_kernel
-from ..primitives.affine import (
+from torchq.formats.dispatch import get_kernel, select_kernel
+from torchq.primitives.affine import (
     ZeroPointDomain,
     choose_qparams_affine,
     dequantize_affine,
     quant_range,
     quantize_affine,
 )
-from .base import TorchqTensor
-from .common import copy_same_format, embedding_arguments, has_values, slice_bounds
-from ..serialization import rebuild_checked, register_format
-from .layouts import canonical_from_codes, codes_from_canonical, get_layout
+from torchq.formats.base import TorchqTensor
+from torchq.formats.common import copy_same_format, embedding_arguments, has_values, slice_bounds
+from torchq.formats.serialization import rebuild_checked, register_format
+from torchq.formats.layouts import canonical_from_codes, codes_from_canonical, get_layout
 
 __all__ = ["AffineQuantizedTensor", "SCHEMES", "FORMAT_NAME", "FORMAT_VERSION"]
 
@@ -485,7 +485,7 @@ def _from_slice(t: AffineQuantizedTensor, tensors: dict, shape: tuple[int, int],
     return AffineQuantizedTensor.from_canonical(tensors, outer_shape=shape, outer_dtype=t.dtype, **meta)
 
 
-register_format(FORMAT_NAME, AffineQuantizedTensor, _rebuild_affine_quantized)
+register_format(FORMAT_NAME, AffineQuantizedTensor, _rebuild_affine_quantized, pickle_module="torchq.tensors.affine_quantized")  # the name in .pt files since v1
 
 
 # ---------------------------------------------------------------------- transposed use: x @ w.t()

@@ -1,7 +1,7 @@
 """Helpers shared by quantized weight classes (format-independent pieces of the tensor contract).
 
 A class using them provides ``format_signature()``, ``canonical_tensors()``,
-``quant_layout`` and the declarative field lists of :class:`~torchq.tensors.base.TorchqTensor`.
+``quant_layout`` and the declarative field lists of :class:`~torchq.formats.base.TorchqTensor`.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from .base import TorchqTensor
-from .layouts import get_layout
+from torchq.formats.base import TorchqTensor
+from torchq.formats.layouts import get_layout
 
 __all__ = [
     "slice_bounds",

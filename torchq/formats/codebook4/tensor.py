@@ -28,8 +28,8 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from ..kernels.registry import select_kernel
-from ..primitives.codebook import (
+from torchq.formats.dispatch import select_kernel
+from torchq.primitives.codebook import (
     BLOCK_SIZES,
     CODEBOOK_FORMATS,
     DOUBLE_QUANT_BLOCK,
@@ -42,10 +42,10 @@ from ..primitives.codebook import (
     swap_nibbles,
     unpack_codes,
 )
-from ..serialization import rebuild_checked, register_format
-from .affine_quantized import _transpose, quantized_linear
-from .base import TorchqTensor
-from .common import (
+from torchq.formats.serialization import rebuild_checked, register_format
+from torchq.formats.affine.tensor import _transpose, quantized_linear
+from torchq.formats.base import TorchqTensor
+from torchq.formats.common import (
     check_checkpoint_header,
     checkpoint_header,
     copy_same_format,
@@ -54,7 +54,7 @@ from .common import (
     inner_nbytes,
     slice_bounds,
 )
-from .layouts import Layout, get_layout, register_layout
+from torchq.formats.layouts import Layout, get_layout, register_layout
 
 __all__ = ["Codebook4Tensor", "CODEBOOK4_LAYOUT", "FORMAT_NAME", "FORMAT_VERSION", "BLOCK_SIZES"]
 
@@ -402,4 +402,4 @@ def _from_slice(t: Codebook4Tensor, tensors: dict, shape: tuple[int, int], padde
     return Codebook4Tensor.from_canonical(tensors, outer_shape=shape, outer_dtype=t.dtype, **meta)
 
 
-register_format(FORMAT_NAME, Codebook4Tensor, _rebuild_codebook4)
+register_format(FORMAT_NAME, Codebook4Tensor, _rebuild_codebook4, pickle_module="torchq.tensors.codebook4")  # the name in .pt files since v1

@@ -17,8 +17,8 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from .configs import (
-    QuantConfig,
+from torchq.quantize.configs import QuantConfig
+from torchq.formats.affine.config import (
     int4_weight_only,
     int8_dynamic_activation_int4_weight,
     int8_dynamic_activation_int8_weight,

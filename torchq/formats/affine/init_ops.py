@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from .affine_quantized import AffineQuantizedTensor
+from torchq.formats.affine.tensor import AffineQuantizedTensor
 
 __all__ = ["requantize_into", "write_row"]
 

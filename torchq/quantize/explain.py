@@ -1,11 +1,11 @@
-"""``torchq.explain(model)``: which scheme, layout and kernel every quantized layer runs, and in
+"""``torchq.explain(model)`` (this module): which scheme, layout and kernel every quantized layer runs, and in
 which arithmetic under this CPU's kernel path and the current precision setting."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from .tensors.base import TorchqTensor
+from torchq.formats.base import TorchqTensor
 
 __all__ = ["explain", "explain_rows"]
 
@@ -13,7 +13,7 @@ __all__ = ["explain", "explain_rows"]
 def _host_line() -> str:
     import torch
 
-    from .kernels import cpu_ext
+    from torchq.kernels import cpu_ext
 
     path = cpu_ext.current_isa() if cpu_ext.available() else "reference kernels (C++ build failed)"
     return f"kernel path: {path}; float32 matmul precision: {torch.get_float32_matmul_precision()}"
@@ -43,7 +43,7 @@ def explain_rows(model: nn.Module) -> list[dict]:
 
 def _arithmetic_now(name: str, weight) -> str:
     """What the layer's kernel computes in now, for activations of the weight's dtype."""
-    from .kernels.registry import get_kernel
+    from torchq.formats.dispatch import get_kernel
 
     try:
         return get_kernel(name).arithmetic(weight)
@@ -53,7 +53,7 @@ def _arithmetic_now(name: str, weight) -> str:
 
 def _kernel_note(name: str) -> str:
     """A kernel's numerics string (host-independent, so the table is reproducible)."""
-    from .kernels.registry import get_kernel
+    from torchq.formats.dispatch import get_kernel
 
     try:
         return get_kernel(name).numerics

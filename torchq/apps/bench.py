@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model_io import model_size_bytes
+from torchq.interop.model_io import model_size_bytes
 
 __all__ = ["BenchResult", "bench", "peak_rss_mb", "reset_peak_rss", "linear_dispatch_overhead"]
 
@@ -136,7 +136,7 @@ class _FusedDecoder:
     step, static KV cache."""
 
     def __init__(self, model: nn.Module, max_tokens: int):
-        from .runtime import FusedDecoder
+        from torchq.runtime import FusedDecoder
 
         self.decoder = FusedDecoder.for_model(model, max_tokens)
         self.max_tokens = max_tokens
@@ -242,7 +242,7 @@ def linear_dispatch_overhead(weight: torch.Tensor, iters: int = 2000) -> dict[st
     * ``total``: ``F.linear`` on the weight (dispatch + kernel);
     * ``dense``: ``F.linear`` on the dequantized float weight, for scale.
     """
-    from .kernels.registry import LinearKernel, register_kernel, get_kernel
+    from torchq.formats.dispatch import LinearKernel, register_kernel, get_kernel
 
     n, k = weight.shape
     x = torch.randn(1, k, dtype=weight.dtype)

@@ -21,10 +21,10 @@ from typing import Callable, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from .configs import QuantConfig
-from .layer_plan import LayerReport, QuantizationReport, config_for
-from .handlers import get_handler
-from .tensors.base import TorchqTensor
+from torchq.quantize.configs import QuantConfig
+from torchq.quantize.layer_plan import LayerReport, QuantizationReport, config_for
+from torchq.quantize.handlers import get_handler
+from torchq.formats.base import TorchqTensor
 
 __all__ = ["quantize_", "QuantizationReport", "LayerReport"]  # the report classes live in layer_plan
 
@@ -84,9 +84,9 @@ def quantize_(
     overrides = dict(overrides or {})
     calibrated: dict[str, LayerReport] = {}
     if calibration is not None or any(getattr(c, "needs_calibration", False) for c in [config, *overrides.values()]):
-        from .algorithms.sequential import calibrate
-
-        calibrated, substitutes = calibrate(model, config, calibration, filter_fn, overrides)
+        if _CALIBRATOR is None:
+            raise RuntimeError("calibration needs torchq.algorithms: `import torchq` (it registers the calibrator)")
+        calibrated, substitutes = _CALIBRATOR(model, config, calibration, filter_fn, overrides)
         overrides.update(substitutes)
     report = QuantizationReport()
     tied = _tied_embeddings(model)
@@ -136,6 +136,20 @@ def quantize_(
     for hook in _AFTER_QUANTIZE:
         hook(model, config, report)
     return report
+
+
+Calibrator = Callable[..., tuple[dict[str, LayerReport], dict[str, QuantConfig]]]
+_CALIBRATOR: Optional[Calibrator] = None
+
+
+def register_calibrator(calibrate: Calibrator) -> None:
+    """Install the layer-by-layer calibration driver that :func:`quantize_` hands algorithm
+    configs to: ``calibrate(model, config, calibration, filter_fn, overrides)`` returns the
+    calibrated layers' reports and the configs that replace the algorithm configs.
+    :mod:`torchq.algorithms` registers :func:`torchq.algorithms.sequential.calibrate`, so the
+    quantize API needs no import of the layer above it."""
+    global _CALIBRATOR
+    _CALIBRATOR = calibrate
 
 
 _AFTER_QUANTIZE: list[Callable[[nn.Module, Optional[QuantConfig], QuantizationReport], None]] = []

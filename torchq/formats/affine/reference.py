@@ -20,8 +20,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..primitives.activation import quantize_per_token_int8
-from .registry import LinearKernel, register_kernel
+from torchq.primitives.activation import quantize_per_token_int8
+from torchq.formats.dispatch import LinearKernel, register_kernel
 
 __all__ = ["weight_only_reference", "dynamic_int8_reference", "int_accumulators"]
 

@@ -27,8 +27,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .serialization import load_file, save_file
-from .tensors.base import TorchqTensor
+from torchq.formats.serialization import load_file, save_file
+from torchq.formats.base import TorchqTensor
 
 __all__ = ["LoadedModel", "load_model", "save_quantized", "model_size_bytes", "is_torchq_dir", "is_gguf_source"]
 
@@ -69,7 +69,7 @@ def load_model(
     """
     source = os.fspath(source)
     if gguf_file is not None or is_gguf_source(source):
-        from .interop.gguf import GGUFFile
+        from torchq.interop.gguf import GGUFFile
 
         f = gguf_file or GGUFFile(source)
         model, report = f.model(dtype=dtype, keep_quantized=keep_quantized)

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import uuid
 import zlib
 from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-from .errors import CheckpointError
+from torchq.errors import CheckpointError
 
 __all__ = [
     "register_format",
@@ -57,13 +58,32 @@ CONTAINER_VERSION = 1
 _FORMATS: dict[str, type] = {}
 
 
-def register_format(name: str, cls: type, rebuild: Optional[Callable] = None, extra_safe: tuple = ()) -> None:
-    """Make ``cls`` savable and ``weights_only``-loadable under format ``name``."""
+def register_format(
+    name: str, cls: type, rebuild: Optional[Callable] = None, extra_safe: tuple = (), pickle_module: Optional[str] = None
+) -> None:
+    """Make ``cls`` savable and ``weights_only``-loadable under format ``name``.
+
+    ``pickle_module``: the module path ``torch.save`` writes for ``rebuild``. Pickled
+    checkpoints name the function by that path, so it is part of the checkpoint format and
+    stays fixed when the code moves (see :func:`_pin_pickle_module`)."""
     _FORMATS[name] = cls
     safe = [cls, *extra_safe]
     if rebuild is not None:
+        if pickle_module is not None:
+            _pin_pickle_module(rebuild, pickle_module)
         safe.append(rebuild)
     torch.serialization.add_safe_globals(safe)
+
+
+def _pin_pickle_module(fn: Callable, module: str) -> None:
+    """Pickle ``fn`` as ``module.<name>`` and make that path resolve to ``fn``'s real module,
+    for ``torch.load`` with and without ``weights_only``: checkpoints written before and
+    after a move name the same function."""
+    real = sys.modules[fn.__module__]
+    known = sys.modules.setdefault(module, real)
+    if known is not real:
+        raise RuntimeError(f"pickle module name {module!r} is taken by {known!r}; pick another for {fn.__qualname__}")
+    fn.__module__ = module
 
 
 def registered_formats() -> dict[str, type]:

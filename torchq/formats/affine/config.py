@@ -1,4 +1,4 @@
-"""Quantization configs: versioned, frozen dataclasses with a JSON round trip.
+"""Configs of the affine integer formats (int8, int4, intx, W8A8, W4A8) and their factories.
 
 Each config class registers under a short ``type`` name (:func:`register_config`), so a
 config serialized with :meth:`QuantConfig.to_dict` / :meth:`to_json` can be rebuilt by
@@ -16,18 +16,12 @@ lossless), which the GGUF importer keeps as is.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Optional
+
+from torchq.quantize.configs import PAD_POLICIES, QuantConfig, _check_choice, _check_group, register_config
 
 __all__ = [
-    "QuantConfig",
-    "register_config",
-    "config_from_dict",
-    "config_from_json",
-    "config_types",
-    "ALLOWED_GROUP_SIZES",
     "Int8WeightOnlyConfig",
     "Int4WeightOnlyConfig",
     "IntxWeightOnlyConfig",
@@ -40,77 +34,7 @@ __all__ = [
     "int8_dynamic_activation_int4_weight",
 ]
 
-ALLOWED_GROUP_SIZES = (32, 64, 128, 256)
-PAD_POLICIES = ("pad", "largest_group")
 ZERO_POINT_DOMAINS = ("int", "float")
-
-_CONFIGS: dict[str, type["QuantConfig"]] = {}
-
-
-def register_config(cls: type["QuantConfig"]) -> type["QuantConfig"]:
-    """Class decorator: make ``cls`` rebuildable from its ``type`` name."""
-    name = cls.type_name
-    if name in _CONFIGS and _CONFIGS[name] is not cls:
-        raise ValueError(f"config type {name!r} already registered by {_CONFIGS[name].__qualname__}")
-    _CONFIGS[name] = cls
-    return cls
-
-
-def config_types() -> dict[str, type["QuantConfig"]]:
-    return dict(_CONFIGS)
-
-
-@dataclass(frozen=True)
-class QuantConfig:
-    """Base of all torchq configs. ``version`` changes when a field's meaning changes."""
-
-    type_name: ClassVar[str] = "base"
-    version: int = 1
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {"type": self.type_name}
-        d.update(dataclasses.asdict(self))
-        return d
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    def _check_version(self, supported: int = 1) -> None:
-        if self.version != supported:
-            raise ValueError(
-                f"{type(self).__name__} version {self.version} is not supported (this torchq reads version "
-                f"{supported}); upgrade torchq"
-            )
-
-
-def config_from_dict(d: dict[str, Any]) -> QuantConfig:
-    d = dict(d)
-    name = d.pop("type", None)
-    if name not in _CONFIGS:
-        raise ValueError(f"unknown torchq config type {name!r}; known: {sorted(_CONFIGS)}")
-    cls = _CONFIGS[name]
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - known
-    if unknown:
-        raise ValueError(f"{cls.__name__} has no field(s) {sorted(unknown)}; fields: {sorted(known)}")
-    return cls(**d)
-
-
-def config_from_json(s: str) -> QuantConfig:
-    return config_from_dict(json.loads(s))
-
-
-def _check_group(group_size: Optional[int], allow_none: bool) -> None:
-    if group_size is None and allow_none:
-        return
-    if group_size not in ALLOWED_GROUP_SIZES:
-        extra = " or None (per channel)" if allow_none else ""
-        raise ValueError(f"group_size must be one of {ALLOWED_GROUP_SIZES}{extra}, got {group_size!r}")
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..primitives.packing import pack_int4, unpack_int4
+from torchq.primitives.packing import pack_int4, unpack_int4
 
 __all__ = ["Layout", "register_layout", "get_layout", "layout_names", "PLAIN_INT8", "PACKED_INT4"]
 

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
-from .configs import QuantConfig
+from torchq.quantize.configs import QuantConfig
 
 __all__ = ["LayerReport", "QuantizationReport", "config_for"]
 

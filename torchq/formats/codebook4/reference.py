@@ -1,13 +1,13 @@
 """Reference linear kernels for the 4-bit codebook schemes (``nf4``, ``fp4_e2m1``,
 ``fp4_e2m1_bnb`` and any :func:`~torchq.primitives.codebook.register_codebook` format): ``y = x @ dequantize(W)^T + bias`` in fp32, cast to ``x.dtype``
-(:func:`torchq.kernels.reference.weight_only_reference`). Fast kernels for these schemes
+(:func:`torchq.formats.affine.reference.weight_only_reference`). Fast kernels for these schemes
 are tested against it."""
 
 from __future__ import annotations
 
-from ..primitives.codebook import on_codebook_registered
-from .reference import weight_only_reference
-from .registry import LinearKernel, register_kernel
+from torchq.primitives.codebook import on_codebook_registered
+from torchq.formats.affine.reference import weight_only_reference
+from torchq.formats.dispatch import LinearKernel, register_kernel
 
 __all__: list[str] = []
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .configs import PAD_POLICIES, QuantConfig, register_config
-from .primitives.codebook import BLOCK_SIZES, CODEBOOK_FORMATS
+from torchq.quantize.configs import PAD_POLICIES, QuantConfig, register_config
+from torchq.primitives.codebook import BLOCK_SIZES, CODEBOOK_FORMATS
 
 __all__ = [
     "NF4WeightOnlyConfig",
@@ -122,7 +122,7 @@ def _scheme_factory(factory):
 
 
 def _register_schemes() -> None:
-    from .schemes_vocab import register_scheme
+    from torchq.quantize.schemes import register_scheme
 
     register_scheme("nf4", _scheme_factory(nf4_weight_only), "NF4 4-bit codebook (bitsandbytes), block 64 by default")
     register_scheme("fp4_e2m1", _scheme_factory(fp4_e2m1), "FP4 e2m1 (OCP / MX), scale = absmax / 6, block 64")

@@ -1,10 +1,14 @@
-"""Handlers turning NF4 / FP4 configs into :class:`~torchq.tensors.Codebook4Tensor` weights."""
+"""Handlers turning NF4 / FP4 configs into :class:`~torchq.formats.Codebook4Tensor` weights."""
 
 from __future__ import annotations
 
-from .codebook_configs import Codebook4WeightOnlyConfig, FP4WeightOnlyConfig, NF4WeightOnlyConfig
-from .handlers import register_handler, resolve_group
-from .tensors.codebook4 import Codebook4Tensor
+from torchq.formats.codebook4.config import (
+    Codebook4WeightOnlyConfig,
+    FP4WeightOnlyConfig,
+    NF4WeightOnlyConfig,
+)
+from torchq.quantize.handlers import register_handler, resolve_group
+from torchq.formats.codebook4.tensor import Codebook4Tensor
 
 __all__ = []
 
