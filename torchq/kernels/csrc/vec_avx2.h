@@ -9,21 +9,11 @@ struct VecAVX2 {
   using F = __m256;
   using I = __m256i;
 
-  static inline F zero() { return _mm256_setzero_ps(); }
-  static inline F set1(float a) { return _mm256_set1_ps(a); }
-  static inline F load(const float* p) { return _mm256_loadu_ps(p); }
-  static inline void store(float* p, F a) { _mm256_storeu_ps(p, a); }
-  static inline F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
-  static inline F add(F a, F b) { return _mm256_add_ps(a, b); }
-  static inline F sub(F a, F b) { return _mm256_sub_ps(a, b); }
-  static inline F mul(F a, F b) { return _mm256_mul_ps(a, b); }
-  static inline F div(F a, F b) { return _mm256_div_ps(a, b); }
-  static inline F min(F a, F b) { return _mm256_min_ps(a, b); }
-  static inline F max(F a, F b) { return _mm256_max_ps(a, b); }
+#define TQ_MM _mm256_
+#define TQ_SI si256
+#include "vec_x86_common.h"
   static inline F abs(F a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
   static inline F rne(F a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-  static inline F cvt(I a) { return _mm256_cvtepi32_ps(a); }
-  static inline I cvt_f2i(F a) { return _mm256_cvtps_epi32(a); }  // inputs already integral
   static inline F load_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
   static inline F load_bf16(const uint16_t* p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
@@ -40,18 +30,6 @@ struct VecAVX2 {
     _mm_storeu_si128((__m128i*)p, _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
   }
 
-  static inline I izero() { return _mm256_setzero_si256(); }
-  static inline I set1i(int32_t a) { return _mm256_set1_epi32(a); }
-  static inline I loadi(const void* p) { return _mm256_loadu_si256((const __m256i*)p); }
-  static inline void storei(void* p, I a) { _mm256_storeu_si256((__m256i*)p, a); }
-  static inline I andi(I a, I b) { return _mm256_and_si256(a, b); }
-  static inline I addi(I a, I b) { return _mm256_add_epi32(a, b); }
-  static inline I subi(I a, I b) { return _mm256_sub_epi32(a, b); }
-  template <int S> static inline I srli(I a) { return _mm256_srli_epi32(a, S); }
-  template <int S> static inline I slli(I a) { return _mm256_slli_epi32(a, S); }
-  static inline I ori(I a, I b) { return _mm256_or_si256(a, b); }
-  static inline I bits(F a) { return _mm256_castps_si256(a); }
-  static inline F fbits(I a) { return _mm256_castsi256_ps(a); }
   // acc + a.bf16[2i+1] * b.bf16[2i+1] + a.bf16[2i] * b.bf16[2i] per lane, in the order of
   // vdpbf16ps (bf16 products are exact in fp32, so each step rounds once like it does).
   static inline F dot2bf16(F acc, I a, I b) {

@@ -9,21 +9,11 @@ struct VecAVX512 {
   using F = __m512;
   using I = __m512i;
 
-  static inline F zero() { return _mm512_setzero_ps(); }
-  static inline F set1(float a) { return _mm512_set1_ps(a); }
-  static inline F load(const float* p) { return _mm512_loadu_ps(p); }
-  static inline void store(float* p, F a) { _mm512_storeu_ps(p, a); }
-  static inline F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
-  static inline F add(F a, F b) { return _mm512_add_ps(a, b); }
-  static inline F sub(F a, F b) { return _mm512_sub_ps(a, b); }
-  static inline F mul(F a, F b) { return _mm512_mul_ps(a, b); }
-  static inline F div(F a, F b) { return _mm512_div_ps(a, b); }
-  static inline F min(F a, F b) { return _mm512_min_ps(a, b); }
-  static inline F max(F a, F b) { return _mm512_max_ps(a, b); }
+#define TQ_MM _mm512_
+#define TQ_SI si512
+#include "vec_x86_common.h"
   static inline F abs(F a) { return _mm512_abs_ps(a); }
   static inline F rne(F a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-  static inline F cvt(I a) { return _mm512_cvtepi32_ps(a); }
-  static inline I cvt_f2i(F a) { return _mm512_cvtps_epi32(a); }
   static inline F load_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
   static inline F load_bf16(const uint16_t* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
@@ -39,18 +29,6 @@ struct VecAVX512 {
     _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
   }
 
-  static inline I izero() { return _mm512_setzero_si512(); }
-  static inline I set1i(int32_t a) { return _mm512_set1_epi32(a); }
-  static inline I loadi(const void* p) { return _mm512_loadu_si512(p); }
-  static inline void storei(void* p, I a) { _mm512_storeu_si512(p, a); }
-  static inline I andi(I a, I b) { return _mm512_and_si512(a, b); }
-  static inline I addi(I a, I b) { return _mm512_add_epi32(a, b); }
-  static inline I subi(I a, I b) { return _mm512_sub_epi32(a, b); }
-  template <int S> static inline I srli(I a) { return _mm512_srli_epi32(a, S); }
-  template <int S> static inline I slli(I a) { return _mm512_slli_epi32(a, S); }
-  static inline I ori(I a, I b) { return _mm512_or_si512(a, b); }
-  static inline I bits(F a) { return _mm512_castps_si512(a); }
-  static inline F fbits(I a) { return _mm512_castsi512_ps(a); }
   // Native vdpbf16ps (AVX512-BF16). Only reached on CPUs that have it (ops.cpp checks).
   static inline F dot2bf16(F acc, I a, I b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
   static inline I s8_to_i32(const int8_t* p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)); }
