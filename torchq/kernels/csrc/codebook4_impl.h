@@ -132,6 +132,24 @@ static void cb4_gemv_tile_avx2_m1(const QWeight& q, const TileRef& tr, const Act
 }
 #endif
 
+// The codebook decoder of nibble_gemv_tile: nibble j of a lane is k = 8c + KOFF[j] (the
+// int4 tiling, activations in plain order), looked up in the register table; y += s acc.
+struct Cb4Nibbles {
+  const QWeight& q;
+  const TileRef& tr;
+  const Lut16 lut;
+  template <int J>
+  static constexpr int xoff() { return KOFF[J]; }
+  template <int J>
+  inline __attribute__((always_inline)) F weight(I L) const { return lut.template get<J>(L); }
+  inline void prefetch(int64_t g) const { pf(tr.scale + (g * TILE) * 4 + q.pf_dist / 16); }
+  inline void group(int64_t g, F* s, F*) const {
+    for (int h = 0; h < H; ++h) s[h] = V::load((const float*)tr.scale + g * TILE + h * W);
+  }
+  inline __attribute__((always_inline)) int row_term(int64_t, int64_t) const { return 0; }
+  static inline __attribute__((always_inline)) F apply(F t, F s, F, int, F o) { return V::fma(t, s, o); }
+};
+
 // MR activation rows (plain fp32, zero padded to Kp) against one tile of 16 weight rows.
 template <int MR>
 static void cb4_gemv_tile(const QWeight& q, const TileRef& tr, const Acts& a, int64_t m0, float* out) {
@@ -141,52 +159,8 @@ static void cb4_gemv_tile(const QWeight& q, const TileRef& tr, const Acts& a, in
     return;
   }
 #endif
-  constexpr int SA = (8 / (MR * H)) > 1 ? 8 / (MR * H) : 1;  // independent accumulators per row
-  const Lut16 lut(q.lut);
-  const int64_t cpg = q.group / 8;
-  const float* xr[MR];
-  for (int m = 0; m < MR; ++m) xr[m] = a.x + (m0 + m) * a.ldx;
-  F o[MR][H];
-  for (int m = 0; m < MR; ++m)
-    for (int h = 0; h < H; ++h) o[m][h] = V::zero();
-  for (int64_t g = 0; g < q.G; ++g) {
-    F acc[MR][SA][H];
-    sfor<0, MR>([&](auto mi) {
-      sfor<0, SA>([&](auto si) { sfor<0, H>([&](auto hi) { acc[mi.value][si.value][hi.value] = V::zero(); }); });
-    });
-    pf(tr.scale + (g * TILE) * 4 + q.pf_dist / 16);
-    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
-      pf(tr.w + c * 64 + q.pf_dist);
-      I L[H];
-      sfor<0, H>([&](auto hi) { L[hi.value] = V::loadi(tr.w + c * 64 + hi.value * W * 4); });
-      sfor<0, 8>([&](auto ji) {
-        constexpr int j = decltype(ji)::value;
-        F wf[H];
-        sfor<0, H>([&](auto hi) { wf[hi.value] = lut.template get<j>(L[hi.value]); });
-        sfor<0, MR>([&](auto mi) {
-          constexpr int m = decltype(mi)::value;
-          const F xb = V::set1(xr[m][c * 8 + KOFF[j]]);
-          sfor<0, H>([&](auto hi) {
-            constexpr int h = decltype(hi)::value;
-            acc[m][j % SA][h] = V::fma(wf[h], xb, acc[m][j % SA][h]);
-          });
-        });
-      });
-    }
-    F s[H];
-    for (int h = 0; h < H; ++h) s[h] = V::load((const float*)tr.scale + g * TILE + h * W);
-    sfor<0, MR>([&](auto mi) {
-      constexpr int m = decltype(mi)::value;
-      sfor<0, H>([&](auto hi) {
-        constexpr int h = decltype(hi)::value;
-        F t = acc[m][0][h];
-        sfor<1, SA>([&](auto si) { t = V::add(t, acc[m][si.value][h]); });
-        o[m][h] = V::fma(t, s[h], o[m][h]);
-      });
-    });
-  }
-  for (int m = 0; m < MR; ++m)
-    for (int h = 0; h < H; ++h) V::store(out + m * TILE + h * W, o[m][h]);
+  Cb4Nibbles dec{q, tr, Lut16(q.lut)};
+  nibble_gemv_tile<MR>(q, tr, a, m0, out, dec);
 }
 
 // Dequantize codes of tile k-range [k0, k0 + kc) to wb[k - k0][16]: table[q] * s (fp32).

@@ -485,11 +485,15 @@ static void gemm_blocked(const QWeight& q, const Acts& a, const Out& o, int64_t 
   }
 }
 
-// ------------------------------------------------------------------ int4 weight-only GEMV
-// MR activation rows against one tile. Nibble j of each 32-bit lane is extracted as
-// (lane & 0xF << 4j) = u * 2^4j and multiplied by the prescaled x (prep_int4_gemv).
-template <int MR>
-static void int4_gemv_tile(const QWeight& q, const TileRef& tr, const Acts& a, int64_t m0, float* out) {
+// ------------------------------------------------------------------ 4-bit GEMV (int4, codebooks)
+// MR activation rows against one tile whose 32-bit lanes hold 8 nibbles each. D decodes
+// nibble J of every lane to fp32 (weight<J>), names the activation column it multiplies
+// (xoff<J>, within the 8-column chunk), loads group g's scale s and zero-point term zt
+// (group) and applies them once per group to the group's fp32 sum (apply):
+// y += s * sum(w x) [+ zt * sum(x), row_term being the row's sum(x)].
+template <int MR, class D>
+static inline __attribute__((always_inline)) void nibble_gemv_tile(const QWeight& q, const TileRef& tr, const Acts& a,
+                                                                  int64_t m0, float* out, D& dec) {
   constexpr int SA = (8 / (MR * H)) > 1 ? 8 / (MR * H) : 1;  // independent accumulators per row
   const int64_t cpg = q.group / 8;
   const float* xr[MR];
@@ -502,7 +506,7 @@ static void int4_gemv_tile(const QWeight& q, const TileRef& tr, const Acts& a, i
     sfor<0, MR>([&](auto mi) {
       sfor<0, SA>([&](auto si) { sfor<0, H>([&](auto hi) { acc[mi.value][si.value][hi.value] = V::zero(); }); });
     });
-    pf_params(q, tr, g);
+    dec.prefetch(g);
     for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
       pf(tr.w + c * 64 + q.pf_dist);
       I L[H];
@@ -510,17 +514,10 @@ static void int4_gemv_tile(const QWeight& q, const TileRef& tr, const Acts& a, i
       sfor<0, 8>([&](auto ji) {
         constexpr int j = decltype(ji)::value;
         F wf[H];
-        sfor<0, H>([&](auto hi) {
-          constexpr int h = decltype(hi)::value;
-          if constexpr (j < 7) {
-            wf[h] = V::cvt(V::andi(L[h], V::set1i(0xF << (4 * j))));
-          } else {
-            wf[h] = V::cvt(V::template srli<28>(L[h]));
-          }
-        });
+        sfor<0, H>([&](auto hi) { wf[hi.value] = dec.template weight<j>(L[hi.value]); });
         sfor<0, MR>([&](auto mi) {
           constexpr int m = decltype(mi)::value;
-          const F xb = V::set1(xr[m][c * 8 + j]);
+          const F xb = V::set1(xr[m][c * 8 + D::template xoff<j>()]);
           sfor<0, H>([&](auto hi) {
             constexpr int h = decltype(hi)::value;
             acc[m][j % SA][h] = V::fma(wf[h], xb, acc[m][j % SA][h]);
@@ -529,20 +526,48 @@ static void int4_gemv_tile(const QWeight& q, const TileRef& tr, const Acts& a, i
       });
     }
     F s[H], zt[H];
-    group_params(q, tr, g, s, zt);
+    dec.group(g, s, zt);
     sfor<0, MR>([&](auto mi) {
       constexpr int m = decltype(mi)::value;
-      const F xs = V::set1(a.xsum[(m0 + m) * q.G + g]);
+      const auto rt = dec.row_term(m0 + m, g);
       sfor<0, H>([&](auto hi) {
         constexpr int h = decltype(hi)::value;
         F t = acc[m][0][h];
         sfor<1, SA>([&](auto si) { t = V::add(t, acc[m][si.value][h]); });
-        o[m][h] = V::fma(zt[h], xs, V::fma(t, s[h], o[m][h]));
+        o[m][h] = D::apply(t, s[h], zt[h], rt, o[m][h]);
       });
     });
   }
   for (int m = 0; m < MR; ++m)
     for (int h = 0; h < H; ++h) V::store(out + m * TILE + h * W, o[m][h]);
+}
+
+// int4 weight-only: nibble j of each lane is extracted as (lane & 0xF << 4j) = u * 2^4j
+// and multiplied by the prescaled, reordered x (prep_int4_gemv); y += s acc + zt sum(x).
+struct Int4Nibbles {
+  const QWeight& q;
+  const TileRef& tr;
+  const Acts& a;
+  template <int J>
+  static constexpr int xoff() { return J; }
+  template <int J>
+  static inline __attribute__((always_inline)) F weight(I L) {
+    if constexpr (J < 7) {
+      return V::cvt(V::andi(L, V::set1i(0xF << (4 * J))));
+    } else {
+      return V::cvt(V::template srli<28>(L));
+    }
+  }
+  inline void prefetch(int64_t g) const { pf_params(q, tr, g); }
+  inline void group(int64_t g, F* s, F* zt) const { group_params(q, tr, g, s, zt); }
+  inline __attribute__((always_inline)) F row_term(int64_t m, int64_t g) const { return V::set1(a.xsum[m * q.G + g]); }
+  static inline __attribute__((always_inline)) F apply(F t, F s, F zt, F xs, F o) { return V::fma(zt, xs, V::fma(t, s, o)); }
+};
+
+template <int MR>
+static void int4_gemv_tile(const QWeight& q, const TileRef& tr, const Acts& a, int64_t m0, float* out) {
+  Int4Nibbles dec{q, tr, a};
+  nibble_gemv_tile<MR>(q, tr, a, m0, out, dec);
 }
 
 // ------------------------------------------------------------------ int8 weight-only GEMV
