@@ -164,25 +164,21 @@ static void cb4_gemv_tile(const QWeight& q, const TileRef& tr, const Acts& a, in
 }
 
 // Dequantize codes of tile k-range [k0, k0 + kc) to wb[k - k0][16]: table[q] * s (fp32).
-static void dequant_cb4(const QWeight& q, const TileRef& tr, int64_t k0, int64_t kc, float* wb) {
-  const Lut16 lut(q.lut);
+struct Cb4Dequant {
+  const QWeight& q;
+  const TileRef& tr;
+  const Lut16 lut;
   F s[H];
-  int64_t gcur = -1;
-  for (int64_t c = k0 / 8; c < (k0 + kc + 7) / 8; ++c) {
-    const int64_t g = (8 * c) / q.group;
-    if (g != gcur) {
-      for (int h = 0; h < H; ++h) s[h] = V::load((const float*)tr.scale + g * TILE + h * W);
-      gcur = g;
-    }
-    float* out = wb + (8 * c - k0) * TILE;
-    for (int h = 0; h < H; ++h) {
-      const I L = V::loadi(tr.w + c * 64 + h * W * 4);
-      sfor<0, 8>([&](auto ji) {
-        constexpr int j = decltype(ji)::value;
-        V::store(out + KOFF[j] * TILE + h * W, V::mul(lut.template get<j>(L), s[h]));
-      });
-    }
+  inline void group(int64_t g) {
+    for (int h = 0; h < H; ++h) s[h] = V::load((const float*)tr.scale + g * TILE + h * W);
   }
+  template <int J>
+  inline F value(I L, int h) const { return V::mul(lut.template get<J>(L), s[h]); }
+};
+
+static void dequant_cb4(const QWeight& q, const TileRef& tr, int64_t k0, int64_t kc, float* wb) {
+  Cb4Dequant dec{q, tr, Lut16(q.lut), {}};
+  dequant_nibbles(q, tr, k0, kc, wb, dec);
 }
 
 static void cb4_wo(const QWeight& q, const Acts& a, const Out& o, int64_t t0, int64_t t1, int gemm, Scratch s) {

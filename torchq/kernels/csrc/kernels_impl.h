@@ -400,15 +400,17 @@ static inline void block_to_bf16_pairs(const float* wb, int64_t kc, uint32_t* wp
 // Dequantize codes of tile k-range [k0, k0 + kc) to wb[k - k0][16] (fp32).
 typedef void (*DequantFn)(const QWeight&, const TileRef&, int64_t k0, int64_t kc, float* wb);
 
-static void dequant_int4(const QWeight& q, const TileRef& tr, int64_t k0, int64_t kc, float* wb) {
-  DeqParams d;
+// A 4-bit tile's k-range: nibble j of lane c is k = 8c + KOFF[j]. D loads a group's
+// constants (group) and turns nibble J of every lane of row block h into fp32 weights
+// (value<J>); dequant_int4 and the codebooks' dequant_cb4 differ only there.
+template <class D>
+static inline __attribute__((always_inline)) void dequant_nibbles(const QWeight& q, const TileRef& tr, int64_t k0,
+                                                                  int64_t kc, float* wb, D& dec) {
   int64_t gcur = -1;
-  const I nib = V::set1i(0xF);
-  const bool fz = q.zero_kind == ZK_FLOAT;
   for (int64_t c = k0 / 8; c < (k0 + kc + 7) / 8; ++c) {
     const int64_t g = (8 * c) / q.group;
     if (g != gcur) {
-      deq_params(q, tr, g, d);
+      dec.group(g);
       gcur = g;
     }
     float* out = wb + (8 * c - k0) * TILE;
@@ -416,13 +418,31 @@ static void dequant_int4(const QWeight& q, const TileRef& tr, int64_t k0, int64_
       const I L = V::loadi(tr.w + c * 64 + h * W * 4);
       sfor<0, 8>([&](auto ji) {
         constexpr int j = decltype(ji)::value;
-        const I u = V::andi(V::template srli<4 * j>(L), nib);
-        F w = V::mul(V::cvt(V::subi(u, d.off[h])), d.s[h]);
-        if (fz) w = V::add(w, d.m[h]);
-        V::store(out + KOFF[j] * TILE + h * W, w);
+        V::store(out + KOFF[j] * TILE + h * W, dec.template value<j>(L, h));
       });
     }
   }
+}
+
+// int4: w = (u - off) * s [+ m], in dequantize_affine's order.
+struct Int4Dequant {
+  const QWeight& q;
+  const TileRef& tr;
+  DeqParams d;
+  const I nib = V::set1i(0xF);
+  const bool fz = q.zero_kind == ZK_FLOAT;
+  inline void group(int64_t g) { deq_params(q, tr, g, d); }
+  template <int J>
+  inline F value(I L, int h) const {
+    const I u = V::andi(V::template srli<4 * J>(L), nib);
+    F w = V::mul(V::cvt(V::subi(u, d.off[h])), d.s[h]);
+    return fz ? V::add(w, d.m[h]) : w;
+  }
+};
+
+static void dequant_int4(const QWeight& q, const TileRef& tr, int64_t k0, int64_t kc, float* wb) {
+  Int4Dequant dec{q, tr, {}};
+  dequant_nibbles(q, tr, k0, kc, wb, dec);
 }
 
 static void dequant_int8(const QWeight& q, const TileRef& tr, int64_t k0, int64_t kc, float* wb) {
