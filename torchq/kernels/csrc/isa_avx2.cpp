@@ -5,7 +5,8 @@
 #else
 #pragma GCC target("avx2,fma,f16c")
 #endif
-#include "vec_avx2.h"
+#define TQ_VEC_BITS 256
+#include "vec_x86.h"
 typedef VecAVX2 V;
 #define TQ_TABLE_FN table_avx2
 #define TQ_TABLE_NAME "avx2"

@@ -7,7 +7,8 @@
 #else
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,avx2,fma,f16c")
 #endif
-#include "vec_avx512.h"
+#define TQ_VEC_BITS 512
+#include "vec_x86.h"
 typedef VecAVX512 V;
 #define TQ_TABLE_FN table_avx512
 #define TQ_TABLE_NAME "avx512"

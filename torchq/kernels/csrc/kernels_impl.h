@@ -1,5 +1,5 @@
-// Generic CPU kernels, written once over a vector-traits type `V` (vec_avx2.h,
-// vec_avx512.h, vec_scalar.h) and compiled once per ISA unit (isa_*.cpp). Everything
+// Generic CPU kernels, written once over a vector-traits type `V` (vec_x86.h for AVX2
+// and AVX-512, vec_scalar.h) and compiled once per ISA unit (isa_*.cpp). Everything
 // here has internal linkage; the unit exports one KernelTable (TQ_TABLE_FN).
 //
 // Layouts (built in torchq/kernels/cpu_layouts.py). Rows are tiled by 16 (TILE):
