@@ -310,22 +310,43 @@ static void quant_act(const void* x, int32_t dt, int64_t M, int64_t K, int64_t l
   }
 }
 
-// ------------------------------------------------------------------ fp32 GEMM path
-// c[m, 0:16] += sum_k x[m, k] * wb[k, 0:16] for MR rows.
-template <int MR>
-static inline void micro_f32(const float* x, int64_t ldx, const float* wb, int64_t kc, float* c, int64_t ldc) {
+// ------------------------------------------------------------------ GEMM micro-kernel
+// c[m, 0:16] += sum_k step(x[m, k], wb[k, 0:16]) for MR rows, one k-step per packed weight
+// row. S is the arithmetic:
+//   StepF32:  x fp32, wb fp32 [kc][16]: one FMA per k;
+//   StepBF16: x bf16 pairs, wb bf16 pairs [np][16] (uint32 each): dot2 in vdpbf16ps order.
+struct StepF32 {
+  using X = float;
+  using Wt = float;
+  using Wv = F;
+  static inline Wv load_w(const Wt* p) { return V::load(p); }
+  static inline F broadcast(const X* x, int64_t k) { return V::set1(x[k]); }
+  static inline F step(F acc, F xb, Wv w) { return V::fma(w, xb, acc); }
+};
+struct StepBF16 {
+  using X = uint16_t;
+  using Wt = uint32_t;
+  using Wv = I;
+  static inline Wv load_w(const Wt* p) { return V::loadi(p); }
+  static inline I broadcast(const X* x, int64_t p) { return V::set1i(load4(x + 2 * p)); }
+  static inline F step(F acc, I xb, Wv w) { return V::dot2bf16(acc, xb, w); }
+};
+
+template <int MR, class S>
+static inline void micro_tile(const typename S::X* x, int64_t ldx, const typename S::Wt* wb, int64_t nk, float* c,
+                              int64_t ldc) {
   F acc[MR][H];
   sfor<0, MR>([&](auto mi) {
     constexpr int m = decltype(mi)::value;
     sfor<0, H>([&](auto hi) { acc[m][hi.value] = V::load(c + m * ldc + hi.value * W); });
   });
-  for (int64_t k = 0; k < kc; ++k) {
-    F w[H];
-    sfor<0, H>([&](auto hi) { w[hi.value] = V::load(wb + k * TILE + hi.value * W); });
+  for (int64_t k = 0; k < nk; ++k) {
+    typename S::Wv w[H];
+    sfor<0, H>([&](auto hi) { w[hi.value] = S::load_w(wb + k * TILE + hi.value * W); });
     sfor<0, MR>([&](auto mi) {
       constexpr int m = decltype(mi)::value;
-      const F xb = V::set1(x[m * ldx + k]);
-      sfor<0, H>([&](auto hi) { acc[m][hi.value] = V::fma(w[hi.value], xb, acc[m][hi.value]); });
+      const auto xb = S::broadcast(x + m * ldx, k);
+      sfor<0, H>([&](auto hi) { acc[m][hi.value] = S::step(acc[m][hi.value], xb, w[hi.value]); });
     });
   }
   sfor<0, MR>([&](auto mi) {
@@ -334,48 +355,15 @@ static inline void micro_f32(const float* x, int64_t ldx, const float* wb, int64
   });
 }
 
-template <int MR>
-static void micro_rows(int mr, const float* x, int64_t ldx, const float* wb, int64_t kc, float* c, int64_t ldc) {
+// micro_tile for a run-time row count mr <= MR.
+template <int MR, class S>
+static void micro_rows(int mr, const typename S::X* x, int64_t ldx, const typename S::Wt* wb, int64_t nk, float* c,
+                       int64_t ldc) {
   if constexpr (MR > 0) {
     if (mr == MR) {
-      micro_f32<MR>(x, ldx, wb, kc, c, ldc);
+      micro_tile<MR, S>(x, ldx, wb, nk, c, ldc);
     } else {
-      micro_rows<MR - 1>(mr, x, ldx, wb, kc, c, ldc);
-    }
-  }
-}
-
-// c[m, 0:16] += sum_p dot2(x[m, 2p:2p+2], wp[p, 0:16]) with bf16 pairs (vdpbf16ps order).
-template <int MR>
-static inline void micro_bf16(const uint16_t* x, int64_t ldb, const uint32_t* wp, int64_t np, float* c, int64_t ldc) {
-  F acc[MR][H];
-  sfor<0, MR>([&](auto mi) {
-    constexpr int m = decltype(mi)::value;
-    sfor<0, H>([&](auto hi) { acc[m][hi.value] = V::load(c + m * ldc + hi.value * W); });
-  });
-  for (int64_t p = 0; p < np; ++p) {
-    I w[H];
-    sfor<0, H>([&](auto hi) { w[hi.value] = V::loadi(wp + p * TILE + hi.value * W); });
-    sfor<0, MR>([&](auto mi) {
-      constexpr int m = decltype(mi)::value;
-      const I xb = V::set1i(load4(x + m * ldb + 2 * p));
-      sfor<0, H>([&](auto hi) { acc[m][hi.value] = V::dot2bf16(acc[m][hi.value], xb, w[hi.value]); });
-    });
-  }
-  sfor<0, MR>([&](auto mi) {
-    constexpr int m = decltype(mi)::value;
-    sfor<0, H>([&](auto hi) { V::store(c + m * ldc + hi.value * W, acc[m][hi.value]); });
-  });
-}
-
-template <int MR>
-static void micro_bf16_rows(int mr, const uint16_t* x, int64_t ldb, const uint32_t* wp, int64_t np, float* c,
-                            int64_t ldc) {
-  if constexpr (MR > 0) {
-    if (mr == MR) {
-      micro_bf16<MR>(x, ldb, wp, np, c, ldc);
-    } else {
-      micro_bf16_rows<MR - 1>(mr, x, ldb, wp, np, c, ldc);
+      micro_rows<MR - 1, S>(mr, x, ldx, wb, nk, c, ldc);
     }
   }
 }
@@ -490,9 +478,9 @@ static void gemm_blocked(const QWeight& q, const Acts& a, const Out& o, int64_t 
             const int mr = (int)imin(V::GEMM_MR, mbs - m0);
             float* c = cb + m0 * ldc + ti * TILE;
             if (bf16) {
-              micro_bf16_rows<V::GEMM_MR>(mr, a.xbf + (mb + m0) * a.ldb + kb, a.ldb, wp, (kc + 1) / 2, c, ldc);
+              micro_rows<V::GEMM_MR, StepBF16>(mr, a.xbf + (mb + m0) * a.ldb + kb, a.ldb, wp, (kc + 1) / 2, c, ldc);
             } else {
-              micro_rows<V::GEMM_MR>(mr, a.x + (mb + m0) * a.ldx + kb, a.ldx, wb, kc, c, ldc);
+              micro_rows<V::GEMM_MR, StepF32>(mr, a.x + (mb + m0) * a.ldx + kb, a.ldx, wb, kc, c, ldc);
             }
           }
         }
