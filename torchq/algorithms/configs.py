@@ -2,7 +2,7 @@
 
 ``GPTQ(int4_weight_only(group_size=64))`` says *how to round* (GPTQ) and *what to store*
 (the base config's tensor, kernels and checkpoint format are unchanged). Algorithm configs
-are ordinary versioned :class:`~torchq.configs.QuantConfig` s: registered, frozen, and
+are ordinary versioned :class:`~torchq.quantize.configs.QuantConfig` s: registered, frozen, and
 JSON round-tripping with the base config nested as its own dict::
 
     {"type": "gptq", "version": 1, "base": {"type": "int4_weight_only", ...}, "damp": 0.01, ...}

@@ -1,4 +1,4 @@
-"""The one vocabulary of scheme names: ``"int4"`` -> a :class:`~torchq.configs.QuantConfig`.
+"""The one vocabulary of scheme names: ``"int4"`` -> a :class:`~torchq.quantize.configs.QuantConfig`.
 
 The command line (``torchq quantize --scheme int4 --group-size 64``) and
 ``TorchqConfig("int4", group_size=64)`` both resolve names here, so a name means the same

@@ -485,7 +485,10 @@ def _from_slice(t: AffineQuantizedTensor, tensors: dict, shape: tuple[int, int],
     return AffineQuantizedTensor.from_canonical(tensors, outer_shape=shape, outer_dtype=t.dtype, **meta)
 
 
-register_format(FORMAT_NAME, AffineQuantizedTensor, _rebuild_affine_quantized, pickle_module="torchq.tensors.affine_quantized")  # the name in .pt files since v1
+# .pt files name the rebuild function by its v1 module path: keep it
+register_format(
+    FORMAT_NAME, AffineQuantizedTensor, _rebuild_affine_quantized, pickle_module="torchq.tensors.affine_quantized"
+)
 
 
 # ---------------------------------------------------------------------- transposed use: x @ w.t()

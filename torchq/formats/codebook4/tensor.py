@@ -402,4 +402,5 @@ def _from_slice(t: Codebook4Tensor, tensors: dict, shape: tuple[int, int], padde
     return Codebook4Tensor.from_canonical(tensors, outer_shape=shape, outer_dtype=t.dtype, **meta)
 
 
-register_format(FORMAT_NAME, Codebook4Tensor, _rebuild_codebook4, pickle_module="torchq.tensors.codebook4")  # the name in .pt files since v1
+# .pt files name the rebuild function by its v1 module path: keep it
+register_format(FORMAT_NAME, Codebook4Tensor, _rebuild_codebook4, pickle_module="torchq.tensors.codebook4")
