@@ -73,3 +73,19 @@ def test_smollm2_gguf_reexport_keeps_blocks(smol, tmp_path):
         assert np.array_equal(np.asarray(b[name].data), np.asarray(t.data)), name
     ids = smol["prompt"]
     assert torch.equal(_logits(torchq.from_pretrained(str(out)), ids), _logits(model, ids))
+
+
+def test_smollm2_gguf_fast_loader_equals_gguf_py_loader():
+    """The fast GGUF reader loads SmolLM2 into exactly the model the gguf-py-based loader built
+    (every inner tensor, logits, 8 greedy tokens), in seconds. (The tokenizer's path is unchanged.)"""
+    from gguf_fixtures import legacy_gguf_file
+    from test_gguf import _assert_same_model
+
+    path = smollm2_path()
+    torchq.from_pretrained(path)  # warm: kernel library, model code
+    t0 = time.perf_counter()
+    new = torchq.from_pretrained(path)
+    seconds = time.perf_counter() - t0
+    old, _ = legacy_gguf_file(path).model()
+    _assert_same_model(new, old)
+    assert seconds < 8, f"from_pretrained(SmolLM2 GGUF) took {seconds:.1f} s (about 1.5 s expected; was 27 s)"
