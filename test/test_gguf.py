@@ -175,3 +175,153 @@ def test_tiny_llama_bfloat16_and_fp32_scales(tiny):
 
 def test_layer_types_cover_every_mapped_format():
     assert set(BLOCK_FORMATS) <= set(LAYER_TYPES.values())
+
+
+# ---------------------------------------------------------------------- the fast reader
+def test_reader_matches_gguf_py(tiny):
+    """Every metadata value, tensor entry and tensor byte as gguf-py reads them."""
+    from transformers.modeling_gguf_pytorch_utils import read_field
+
+    from torchq.interop.gguf_reader import GGUFReader, StringArray
+
+    ours, ref = GGUFReader(tiny["path"]), gguf.GGUFReader(tiny["path"])
+    assert ours.data_offset == ref.data_offset and ours.alignment == ref.alignment
+    assert list(ours.metadata) == [k for k in ref.fields if not k.startswith("GGUF.")]
+    for key in ours.metadata:
+        value = ours.value(key)
+        assert (value if isinstance(value, list) else [value]) == read_field(ref, key), key
+    assert isinstance(ours.metadata["tokenizer.ggml.tokens"], StringArray)
+    assert len(ours.metadata["tokenizer.ggml.tokens"]) == 258
+    assert [t.name for t in ours.tensors] == [t.name for t in ref.tensors]
+    for a, b in zip(ours.tensors, ref.tensors):
+        assert (a.tensor_type, a.shape, a.n_bytes, a.data_offset) == (b.tensor_type, tuple(b.shape), b.n_bytes, b.data_offset)
+        assert a.data.dtype == b.data.dtype and a.data.shape == b.data.shape and np.array_equal(a.data, b.data), a.name
+        a.release()  # pages leave the resident set; the values do not change
+        assert np.array_equal(a.data, b.data), a.name
+
+
+def test_config_equals_transformers(tiny):
+    """The config built from the metadata equals AutoConfig.from_pretrained(dir, gguf_file=name)."""
+    from transformers import AutoConfig
+
+    ours = GGUFFile(tiny["path"]).config
+    ref = AutoConfig.from_pretrained(os.path.dirname(tiny["path"]), gguf_file=os.path.basename(tiny["path"]))
+    assert type(ours) is type(ref) and ours.to_dict() == ref.to_dict()
+    assert ours.tie_word_embeddings == tiny["tied"]
+
+
+def test_fast_loader_equals_gguf_py_loader(tiny):
+    """Same weights (inner tensors bit for bit), logits and greedy tokens as the loader that parsed
+    with gguf-py and took transformers' config."""
+    from gguf_fixtures import legacy_gguf_file
+
+    new, _ = GGUFFile(tiny["path"]).model()
+    old, _ = legacy_gguf_file(tiny["path"]).model()
+    _assert_same_model(new, old)
+
+
+def _assert_same_model(new, old, steps: int = 8):
+    old_state = old.state_dict()
+    for name, p in new.state_dict().items():
+        q = old_state[name]
+        assert type(p) is type(q), name
+        if isinstance(p, torchq.AffineQuantizedTensor):
+            for field in ("qdata", "scale", "zero_point"):
+                a, b = getattr(p, field), getattr(q, field)
+                assert (a is None and b is None) or torch.equal(a, b), f"{name}.{field}"
+        else:
+            assert torch.equal(p, q), name
+    ids = torch.tensor([[1, 5, 17, 42, 7]])
+    with torch.no_grad():
+        assert torch.equal(new(ids).logits, old(ids).logits)
+        a = new.generate(ids, max_new_tokens=steps, do_sample=False)
+        b = old.generate(ids, max_new_tokens=steps, do_sample=False)
+    assert torch.equal(a, b)
+
+
+def _damaged(tmp_path, mutate) -> str:
+    from gguf_fixtures import write_tiny_llama
+
+    src = tmp_path / "ok.gguf"
+    write_tiny_llama(str(src))
+    blob = bytearray(src.read_bytes())
+    mutate(blob)
+    path = tmp_path / "damaged.gguf"
+    path.write_bytes(bytes(blob))
+    return str(path)
+
+
+def _offset_of(blob: bytes, key: bytes) -> int:
+    """Byte offset just past metadata key ``key`` (its u64 length and bytes)."""
+    return bytes(blob).index(key) + len(key)
+
+
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("truncated_header", "too short for a GGUF header"),
+        ("truncated_metadata", "the file ends inside"),
+        ("truncated_data", "past the end of the file"),
+        ("bad_magic", "no 'GGUF' magic"),
+        ("bad_version", "GGUF version 7"),
+        ("huge_kv_count", "more than a file of"),
+        ("huge_string", "the file ends inside"),
+        ("bad_value_type", "value type 13"),
+        ("bad_utf8_key", "not valid UTF-8"),
+        ("bad_alignment", "general.alignment"),
+        ("bad_tensor_type", "ggml type 999"),
+        ("bad_n_dims", "dimensions"),
+    ],
+)
+def test_damaged_file_is_a_checkpoint_error(tmp_path, case, match):
+    """Each kind of damage is a CheckpointError naming the file, the problem and a fix."""
+    import struct
+
+    from torchq import CheckpointError
+
+    def mutate(b: bytearray):
+        if case == "truncated_header":
+            del b[20:]
+        elif case == "truncated_metadata":
+            del b[_offset_of(b, b"tokenizer.ggml.tokens") + 400 :]
+        elif case == "truncated_data":
+            del b[-100:]
+        elif case == "bad_magic":
+            b[:4] = b"GGML"
+        elif case == "bad_version":
+            b[4:8] = struct.pack("<I", 7)
+        elif case == "huge_kv_count":
+            b[16:24] = struct.pack("<Q", 2**60)
+        elif case == "huge_string":
+            i = _offset_of(b, b"general.architecture") + 4
+            b[i : i + 8] = struct.pack("<Q", 2**50)
+        elif case == "bad_value_type":
+            i = _offset_of(b, b"llama.block_count")
+            b[i : i + 4] = struct.pack("<I", 13)
+        elif case == "bad_utf8_key":
+            i = b.index(b"llama.block_count")
+            b[i] = 0xFF
+        elif case == "bad_alignment":  # append general.alignment = 3 as the last metadata entry
+            raise NotImplementedError
+        elif case == "bad_tensor_type":
+            i = _offset_of(b, b"token_embd.weight") + 4 + 2 * 8
+            b[i : i + 4] = struct.pack("<I", 999)
+        elif case == "bad_n_dims":
+            i = _offset_of(b, b"token_embd.weight")
+            b[i : i + 4] = struct.pack("<I", 9)
+
+    if case == "bad_alignment":
+        path = str(tmp_path / "damaged.gguf")
+        w = gguf.GGUFWriter(path, "llama")
+        w.add_uint32("general.alignment", 3)
+        w.data_alignment = 32
+        w.add_tensor("x", np.zeros(32, np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    else:
+        path = _damaged(tmp_path, mutate)
+    with pytest.raises(CheckpointError, match=match) as e:
+        torchq.from_pretrained(path)
+    assert "damaged.gguf" in str(e.value) and ("re-download" in str(e.value) or "gguf" in str(e.value))

@@ -73,3 +73,37 @@ def test_smollm2_gguf_reexport_keeps_blocks(smol, tmp_path):
         assert np.array_equal(np.asarray(b[name].data), np.asarray(t.data)), name
     ids = smol["prompt"]
     assert torch.equal(_logits(torchq.from_pretrained(str(out)), ids), _logits(model, ids))
+
+
+def test_smollm2_gguf_fast_loader_equals_gguf_py_loader():
+    """The fast GGUF reader loads SmolLM2 into exactly the model the gguf-py-based loader built
+    (every inner tensor, logits, 8 greedy tokens), in seconds. (The tokenizer's path is unchanged.)"""
+    from gguf_fixtures import legacy_gguf_file
+    from test_gguf import _assert_same_model
+
+    path = smollm2_path()
+    torchq.from_pretrained(path)  # warm: kernel library, model code
+    t0 = time.perf_counter()
+    new = torchq.from_pretrained(path)
+    seconds = time.perf_counter() - t0
+    old, _ = legacy_gguf_file(path).model()
+    _assert_same_model(new, old)
+    assert seconds < 8, f"from_pretrained(SmolLM2 GGUF) took {seconds:.1f} s (about 1.5 s expected; was 27 s)"
+
+
+@pytest.mark.parametrize("gtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_smollm2_gguf_export_perplexity_in_llama_cpp(smol, tmp_path, gtype):
+    """llama.cpp runs torchq's GGUF export to within 1 % of torchq's perplexity on the same
+    token windows (torchq scoring the very file: its fp16 scales)."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is an optional extra (bench-llamacpp)")
+    from benchmarks.llamacpp_perplexity import SCHEMES, llamacpp_perplexity
+    from torchq.apps.eval import default_text, evaluate, token_windows
+
+    model, _ = smol["file"].model(keep_quantized=False)
+    torchq.quantize_(model, SCHEMES[gtype](torchq), filter_fn=lambda m, n: n != "lm_head")
+    path = str(tmp_path / f"smol.{gtype}.gguf")
+    torchq.save_gguf(model, path, tokenizer=smol["tokenizer"])
+    windows = token_windows(smol["tokenizer"], default_text(), 128, 2)
+    ours = evaluate(torchq.from_pretrained(path), windows, progress=False).perplexity
+    theirs = llamacpp_perplexity(path, windows, threads=2)
+    assert abs(theirs / ours - 1) < 0.01, (gtype, ours, theirs)

@@ -35,8 +35,8 @@ def detect_source(path: str) -> str:
     """``"gguf"``, ``"torchq"``, ``"torchq-legacy"``, ``"float"`` or an importer name (gptq, awq, compressed-tensors)."""
     path = os.fspath(path)
     if os.path.isfile(path):
-        if _is_gguf_file(path):
-            return "gguf"
+        if _is_gguf_file(path) or path.endswith(".gguf"):
+            return "gguf"  # a damaged .gguf gets the GGUF reader's CheckpointError
         raise ValueError(f"{path} is a file but not a GGUF file (no 'GGUF' magic); pass a checkpoint directory")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no checkpoint at {path!r}: expected a directory with config.json or a .gguf file")
