@@ -121,17 +121,23 @@ class GPTQConfig(AlgorithmConfig):
     diagonal added to it; ``block_size``: columns per lazy batch update; ``act_order``:
     quantize columns by decreasing Hessian diagonal (stored via ``perm``; affine bases with
     K a multiple of the group size); ``mse_clip``: search a shrink factor of each group's
-    range by weight MSE instead of plain min/max."""
+    range by weight MSE instead of plain min/max; ``true_sequential``: within a decoder
+    layer, the linears reading one input are rounded before the Hessians of the later ones
+    are gathered (from the rounded ones' outputs)."""
 
     type_name: ClassVar[str] = "gptq"
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = False
     mse_clip: bool = False
+    true_sequential: bool = True
 
     def _check_fields(self) -> None:
         _positive("damp", self.damp)
         _positive("block_size", self.block_size, integer=True)
+        for name in ("act_order", "mse_clip", "true_sequential"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
 
 @register_config
