@@ -201,7 +201,11 @@ class SmoothQuantConfig(AlgorithmConfig):
 class AutoRoundConfig(AlgorithmConfig):
     """AutoRound (Cheng et al. 2023): SignSGD on per-weight rounding offsets and per-group
     min/max clipping factors, minimising each decoder layer's output error. ``lr=None``:
-    ``1 / iters``. ``preset="light"`` is ``iters=50, lr=5e-3``: a few minutes on CPU."""
+    ``1 / iters``. ``preset="light"`` is ``iters=50, lr=5e-3``: a few minutes on CPU.
+    ``target``: what a decoder layer's output is compared with: ``"float"`` (the float
+    model's output of that layer, from float inputs, while the layer itself reads the
+    rounded layers' outputs, as auto-round does) or ``"block"`` (the float layer on the
+    rounded layers' outputs)."""
 
     type_name: ClassVar[str] = "autoround"
     iters: int = 200
@@ -209,6 +213,7 @@ class AutoRoundConfig(AlgorithmConfig):
     batch_size: int = 8
     seqlen: Optional[int] = None
     preset: str = "default"
+    target: str = "float"
 
     def _check_fields(self) -> None:
         _positive("iters", self.iters, integer=True)
@@ -219,6 +224,8 @@ class AutoRoundConfig(AlgorithmConfig):
             _positive("seqlen", self.seqlen, integer=True)
         if self.preset not in AUTOROUND_PRESETS:
             raise ValueError(f"preset must be one of {sorted(AUTOROUND_PRESETS)}, got {self.preset!r}")
+        if self.target not in ("float", "block"):
+            raise ValueError(f"target must be 'float' or 'block', got {self.target!r}")
 
     @property
     def learning_rate(self) -> float:
