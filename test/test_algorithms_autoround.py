@@ -78,3 +78,50 @@ def test_autoround_on_tiny_llama_with_seqlen():
     with torch.no_grad():
         r = ref(held).logits
         assert (model(held).logits - r).pow(2).mean() < 0.2 * r.pow(2).mean()
+
+
+def test_float_target_is_the_float_models_layer_output():
+    """target="float": layer 1 reads the rounded layer 0's outputs but is fitted to the float
+    model's layer-1 output (from float inputs); target="block" fits the float layer 1 on the
+    rounded inputs. Layer 0 sees the same inputs either way."""
+    from torchq.algorithms import autoround as ar
+
+    model, calib, held = tiny_llama()
+    seen = {}
+    real = ar.autoround_block
+
+    def spy(block, names, config, act_scales=None, generator=None):
+        i = block.meta["index"]
+        if i not in seen:
+            seen[i] = dict(
+                float_targets=[t.clone() for t in block.meta["float_targets"]] if "float_targets" in block.meta else None,
+                block=[t.clone() for t in block.run()],
+            )
+        return real(block, names, config, act_scales, generator)
+
+    ar.autoround_block = spy
+    try:
+        for target in ("float", "block"):
+            seen.clear()
+            m = copy.deepcopy(model)
+            cfg = torchq.AutoRound(torchq.int4_weight_only(group_size=32), iters=4, batch_size=2, target=target)
+            torchq.quantize_(m, cfg, calibration=calib, filter_fn=lambda mod, n: n != "lm_head")
+            if target == "block":
+                assert seen[0]["float_targets"] is None and seen[1]["float_targets"] is None
+                continue
+            for a, b in zip(seen[0]["float_targets"], seen[0]["block"]):
+                torch.testing.assert_close(a, b)
+            assert any(not torch.allclose(a, b) for a, b in zip(seen[1]["float_targets"], seen[1]["block"]))
+            # the float model's own layer-1 outputs
+            outs = []
+            h = model.model.layers[1].register_forward_hook(lambda mod, a, o: outs.append(o[0] if isinstance(o, tuple) else o))
+            with torch.no_grad():
+                for ids in calib:
+                    model(ids)
+            h.remove()
+            for a, b in zip(seen[1]["float_targets"], outs):
+                torch.testing.assert_close(a, b)
+    finally:
+        ar.autoround_block = real
+    with pytest.raises(ValueError, match="target"):
+        torchq.AutoRound(torchq.int4_weight_only(), target="fp32")

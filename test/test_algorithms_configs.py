@@ -124,13 +124,14 @@ def test_toy_module_report_and_overrides():
     assert model[2].weight.scheme == "int8_weight_only"
 
 
-def test_sequential_driver_on_tiny_llama():
+@pytest.mark.parametrize("true_sequential", [False, True])
+def test_sequential_driver_on_tiny_llama(true_sequential):
     model, calib, held = tiny_llama()
     layers = model.model.layers
     seen = []
     handles = [l.register_forward_pre_hook(lambda m, a, kw: seen.append(m), with_kwargs=True) for l in layers]
     before = copy.deepcopy(model)
-    report = torchq.quantize_(model, torchq.GPTQ(INT4), calibration=calib)
+    report = torchq.quantize_(model, torchq.GPTQ(INT4, true_sequential=true_sequential), calibration=calib)
     for h in handles:
         h.remove()
     # every decoder linear calibrated, the tied head rounded to nearest (outside the layers)
@@ -139,8 +140,10 @@ def test_sequential_driver_on_tiny_llama():
     assert by_name["lm_head"].config == "int4_weight_only" and by_name["lm_head"].status == "tied"
     assert model.lm_head.weight is model.model.embed_tokens.weight
     # layer 0 was reached once per item by the capture, then ran for the statistics and for
-    # its outputs; the last layer only for the statistics
-    assert seen.count(layers[0]) == 3 * len(calib) and seen.count(layers[1]) == len(calib)
+    # its outputs; the last layer only for the statistics. true_sequential: one pass on the
+    # first item to find the stages, then one pass per stage ([q,k,v], [o], [gate,up], [down])
+    stat_runs = (1 + 4 * len(calib)) if true_sequential else len(calib)
+    assert seen.count(layers[0]) == 2 * len(calib) + stat_runs and seen.count(layers[1]) == stat_runs
     assert set(model.state_dict()) == set(before.state_dict())
     with torch.no_grad():
         out, ref = model(held).logits, before(held).logits

@@ -147,3 +147,49 @@ def test_hessians_shared_only_by_linears_reading_the_same_tensor():
         x = torch.cat(seen[n])
         torch.testing.assert_close(hs[n], x.t() @ x / x.shape[0], rtol=1e-4, atol=1e-5)
     assert hs["self_attn.q_proj"] is not hs["self_attn.o_proj"]
+
+
+def test_true_sequential_stages_and_hessians_from_rounded_outputs():
+    """Within a decoder layer: [q, k, v] -> [o] -> [gate, up] -> [down]; o's Hessian comes from
+    the outputs of the rounded v (so it differs from the float layer's), and the staged
+    model is at least as close to float as the one-pass one on held-out tokens."""
+    from torchq.algorithms import gptq as gptq_mod
+    from torchq.algorithms.sequential import Block, capture_layer_inputs
+    from torchq.algorithms.stats import hessians, input_stages
+
+    from algorithms_fixtures import tiny_llama
+
+    model, calib, held = tiny_llama(layers=1)
+    layer = model.model.layers[0]
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    block = Block(layer, capture_layer_inputs(model, layer, calib), linears, "model.layers.0")
+    stages = input_stages(block, list(linears))
+    assert stages == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"],
+    ]
+    h_float = hessians(block, ["self_attn.o_proj"])["self_attn.o_proj"]
+    seen = {}
+    real = gptq_mod.hessians
+
+    def spy(block, names, act_scales=None):
+        out = real(block, names, act_scales)
+        seen.update(out)
+        return out
+
+    base = torchq.int4_weight_only(group_size=32)
+    gptq_mod.hessians = spy
+    try:
+        staged = __import__("copy").deepcopy(model)
+        torchq.quantize_(staged, torchq.GPTQ(base), calibration=calib, filter_fn=lambda m, n: n != "lm_head")
+    finally:
+        gptq_mod.hessians = real
+    assert not torch.allclose(seen["self_attn.o_proj"], h_float)
+    one_pass = __import__("copy").deepcopy(model)
+    torchq.quantize_(one_pass, torchq.GPTQ(base, true_sequential=False), calibration=calib, filter_fn=lambda m, n: n != "lm_head")
+    with torch.no_grad():
+        ref = model(held).logits
+        err = lambda m: (m(held).logits - ref).pow(2).mean().item()  # noqa: E731
+        assert err(staged) <= 1.1 * err(one_pass), (err(staged), err(one_pass))
+    with pytest.raises(ValueError, match="true_sequential"):
+        torchq.GPTQ(base, true_sequential=1)

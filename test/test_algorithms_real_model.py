@@ -3,8 +3,10 @@ round-to-nearest with the same storage config on held-out text (KL; GPTQ and AWQ
 perplexity, closing a stated part of the gap), and the calibrated model reloads bit-exact.
 
 Measured here (4 windows, 8 x 128 calibration tokens, int4 g64, float 16.166, RTN 21.752,
-RTN KL 0.397): GPTQ 20.10 (30 % of the gap, KL 0.19), AWQ 18.10 (65 %, KL 0.15; n_grid=20),
-HQQ 21.85 (-2 %: its lp proxy is not perplexity; KL 0.366 is still below RTN's).
+RTN KL 0.397): GPTQ 20.10 (30 % of the gap, KL 0.19; one-pass Hessians), AWQ 18.10 (65 %,
+KL 0.15; n_grid=20), HQQ 20.43 (24 %, KL 0.355; the p=0.7 half-quadratic iteration was
+21.85, -2 %). NF4 + GPTQ and SmoothQuant W8A8 against their own round-to-nearest: see
+:func:`test_combination_beats_its_round_to_nearest`.
 
 Small on purpose (a CI budget of minutes on 2 cores): 8 calibration windows of 128 tokens,
 4 evaluation windows of 256 tokens, one thread. The full table (128 x 512 calibration
@@ -58,7 +60,7 @@ def smol():
     [
         (torchq.GPTQ(INT4_G64), 0.2),
         (torchq.AWQ(INT4_G64, n_grid=10), 0.3),
-        (torchq.HQQ(INT4_G64), -0.05),  # perplexity within 5 % of the gap; KL below RTN's
+        (torchq.HQQ(INT4_G64), 0.15),  # p=3 search; the paper's p=0.7 iteration measured -2 % here
     ],
     ids=lambda c: c.type_name if hasattr(c, "type_name") else str(c),
 )
@@ -78,3 +80,31 @@ def test_algorithm_beats_round_to_nearest_and_reloads(smol, cfg, min_gap_closed,
     ids = smol["windows"][:1, :32]
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+def _rtn_and_algo(smol, base, cfg):
+    out = []
+    for c, calib in ((base, None), (cfg, smol["calib"])):
+        model = copy.deepcopy(smol["fp32"])
+        torchq.quantize_(model, c, calibration=calib, filter_fn=lambda m, n: n != "lm_head")
+        out.append(teval.evaluate(model, smol["windows"], smol["ref"], batch_size=4, progress=False))
+    return out
+
+
+@pytest.mark.parametrize(
+    "base,wrap,ppl_slack,kl_ratio",
+    [
+        # NF4 + GPTQ beats NF4 round-to-nearest (measured 18.37 / KL 0.168 vs 21.40 / KL 0.322)
+        (torchq.nf4_weight_only(block_size=64), torchq.GPTQ, 1.0, 0.7),
+        # SmoothQuant W8A8 vs W8A8 (measured KL 0.0153 vs 0.0413; perplexity 16.383 vs 16.343,
+        # float 16.166: a 0.25 % difference, within 4 windows' noise, where KL is not)
+        (torchq.int8_dynamic_activation_int8_weight(), torchq.SmoothQuant, 1.005, 0.6),
+    ],
+    ids=["nf4_gptq", "w8a8_smoothquant"],
+)
+def test_combination_beats_its_round_to_nearest(smol, base, wrap, ppl_slack, kl_ratio):
+    rtn, alg = _rtn_and_algo(smol, base, wrap(base))
+    print(f"{wrap.__name__}({base.type_name}): perplexity {alg.perplexity:.3f} KL {alg.kl:.4f}; "
+          f"round to nearest {rtn.perplexity:.3f} KL {rtn.kl:.4f}")
+    assert alg.kl < kl_ratio * rtn.kl, (alg.kl, rtn.kl)
+    assert alg.perplexity <= ppl_slack * rtn.perplexity, (alg.perplexity, rtn.perplexity)

@@ -9,7 +9,10 @@ between the block's output with fake-quantized weights and the float block's out
 the same inputs; SignSGD steps with a linearly decaying learning rate (``1 / iters`` by
 default), ``batch_size`` calibration items per step (cut to ``seqlen`` tokens if set), and
 the parameters of the best step are kept. Autograd runs on CPU; the block's own
-parameters are frozen meanwhile.
+parameters are frozen meanwhile. ``target="float"`` (default, as auto-round): a decoder
+layer reads the rounded layers' outputs but is fitted to the float model's own output of
+that layer (the driver carries both streams), so each layer also corrects the error the
+earlier ones left; ``"block"``: to the float layer's output on the rounded inputs.
 """
 
 from __future__ import annotations
@@ -132,7 +135,8 @@ def autoround_block(block, names, config: AlgorithmConfig, act_scales=None, gene
     loss of every step (for tests and logs)."""
     act_scales = act_scales or {}
     base = storage_config(config)
-    targets = [_first(t) for t in block.run()]
+    float_targets = block.meta.get("float_targets") if getattr(config, "target", "block") == "float" else None
+    targets = [_first(t) for t in (float_targets if float_targets is not None else block.run())]
     items = []
     for (args, kwargs), target in zip(block.inputs, targets):
         full = args[0].shape[-2] if args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2 else None

@@ -119,36 +119,45 @@ class GPTQConfig(AlgorithmConfig):
     diagonal added to it; ``block_size``: columns per lazy batch update; ``act_order``:
     quantize columns by decreasing Hessian diagonal (stored via ``perm``; affine bases with
     K a multiple of the group size); ``mse_clip``: search a shrink factor of each group's
-    range by weight MSE instead of plain min/max."""
+    range by weight MSE instead of plain min/max; ``true_sequential``: within a decoder
+    layer, the linears reading one input are rounded before the Hessians of the later ones
+    are gathered (from the rounded ones' outputs)."""
 
     type_name: ClassVar[str] = "gptq"
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = False
     mse_clip: bool = False
+    true_sequential: bool = True
 
     def _check_fields(self) -> None:
         _positive("damp", self.damp)
         _positive("block_size", self.block_size, integer=True)
+        for name in ("act_order", "mse_clip", "true_sequential"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
 
 @register_config
 @dataclass(frozen=True)
 class HQQConfig(AlgorithmConfig):
-    """HQQ (Badri & Shaji 2023): half-quadratic optimisation of zero points (and, for an
-    integer zero point, a least-squares scale refit) against an lp<1 weight error; data-free."""
+    """HQQ (Badri & Shaji 2023): data-free fit of each group's scale and zero point against
+    the weight error ``sum |W - Q(W)|^lp_norm``. ``lp_norm <= 1`` (the paper's 0.7): the
+    half-quadratic iteration (``iters``, ``beta``, ``kappa``); ``lp_norm > 1`` (default 3,
+    chosen by perplexity on SmolLM2, see :mod:`torchq.algorithms.hqq`): a search over the
+    range width and the integer zero point."""
 
     type_name: ClassVar[str] = "hqq"
     needs_calibration: ClassVar[bool] = False
     iters: int = 20
-    lp_norm: float = 0.7
+    lp_norm: float = 3.0
     beta: float = 10.0
     kappa: float = 1.01
 
     def _check_fields(self) -> None:
         _positive("iters", self.iters, integer=True)
-        if not 0 < self.lp_norm <= 1:
-            raise ValueError(f"lp_norm must be in (0, 1], got {self.lp_norm!r}")
+        if isinstance(self.lp_norm, bool) or not isinstance(self.lp_norm, (int, float)) or not 0 < self.lp_norm <= 8:
+            raise ValueError(f"lp_norm must be in (0, 8] (<= 1: half-quadratic iteration; > 1: search), got {self.lp_norm!r}")
         _positive("beta", self.beta)
         _positive("kappa", self.kappa)
 
@@ -190,7 +199,11 @@ class SmoothQuantConfig(AlgorithmConfig):
 class AutoRoundConfig(AlgorithmConfig):
     """AutoRound (Cheng et al. 2023): SignSGD on per-weight rounding offsets and per-group
     min/max clipping factors, minimising each decoder layer's output error. ``lr=None``:
-    ``1 / iters``. ``preset="light"`` is ``iters=50, lr=5e-3``: a few minutes on CPU."""
+    ``1 / iters``. ``preset="light"`` is ``iters=50, lr=5e-3``: a few minutes on CPU.
+    ``target``: what a decoder layer's output is compared with: ``"float"`` (the float
+    model's output of that layer, from float inputs, while the layer itself reads the
+    rounded layers' outputs, as auto-round does) or ``"block"`` (the float layer on the
+    rounded layers' outputs)."""
 
     type_name: ClassVar[str] = "autoround"
     iters: int = 200
@@ -198,6 +211,7 @@ class AutoRoundConfig(AlgorithmConfig):
     batch_size: int = 8
     seqlen: Optional[int] = None
     preset: str = "default"
+    target: str = "float"
 
     def _check_fields(self) -> None:
         _positive("iters", self.iters, integer=True)
@@ -208,6 +222,8 @@ class AutoRoundConfig(AlgorithmConfig):
             _positive("seqlen", self.seqlen, integer=True)
         if self.preset not in AUTOROUND_PRESETS:
             raise ValueError(f"preset must be one of {sorted(AUTOROUND_PRESETS)}, got {self.preset!r}")
+        if self.target not in ("float", "block"):
+            raise ValueError(f"target must be 'float' or 'block', got {self.target!r}")
 
     @property
     def learning_rate(self) -> float:

@@ -23,7 +23,7 @@ import torch
 from torchq.algorithms.grid import Grid, grid_for
 from torchq.algorithms.configs import storage_config
 from torchq.algorithms.registry import register_algorithm
-from torchq.algorithms.stats import hessians
+from torchq.algorithms.stats import hessians, input_stages
 
 __all__ = ["gptq_quantize", "fit_mse"]
 
@@ -123,7 +123,22 @@ def gptq_quantize(
 
 @register_algorithm("gptq")
 def _process(block, names, config, act_scales):
-    """GPTQ every named linear of ``block`` from the Hessian of its (act_scale-divided) inputs."""
+    """GPTQ every named linear of ``block`` from the Hessian of its (act_scale-divided) inputs.
+
+    Sequential within the block too (``config.true_sequential``): the linears reading one
+    input (q/k/v) are rounded first and set in place, so the Hessians of the next ones (o)
+    come from the outputs of the rounded ones, as the rounded model will compute them."""
+    stages = input_stages(block, names) if config.true_sequential else [list(names)]
+    out = {}
+    for stage in stages:
+        done = _gptq_stage(block, stage, config, act_scales)
+        for name, (t, _) in done.items():
+            block.linears[name].weight = torch.nn.Parameter(t, requires_grad=False)
+        out.update(done)
+    return out
+
+
+def _gptq_stage(block, names, config, act_scales):
     base = storage_config(config)
     hs = hessians(block, names, act_scales)
     out = {}

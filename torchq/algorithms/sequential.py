@@ -151,6 +151,14 @@ def process_block(block: Block, configs: Mapping[str, AlgorithmConfig]) -> dict[
     return results
 
 
+def _wants_float_targets(config) -> bool:
+    while isinstance(config, AlgorithmConfig):
+        if getattr(config, "target", None) == "float":
+            return True
+        config = config.base
+    return False
+
+
 def _progress(iterable, total: int, desc: str):
     try:
         from tqdm.auto import tqdm
@@ -197,17 +205,26 @@ def calibrate(
 
     prefix, layers = found
     inputs = capture_layer_inputs(model, layers[0], items)
+    # the float model's stream too, where an algorithm compares with it (AutoRound target="float")
+    float_inputs = inputs if any(_wants_float_targets(c) for c in targets.values()) else None
     for i, layer in _progress(enumerate(layers), len(layers), "torchq calibration"):
         lp = f"{prefix}.{i}"
         linears = {n: m for n, m in layer.named_modules() if f"{lp}.{n}" in targets}
-        block = Block(layer, inputs, linears, lp, meta={"model": model, "index": i})
+        meta = {"model": model, "index": i}
+        if float_inputs is not None:  # this layer's float outputs, before it is rounded
+            meta["float_targets"] = Block(layer, float_inputs, {}, lp).run()
+        block = Block(layer, inputs, linears, lp, meta=meta)
         if linears:
             record(block, process_block(block, targets))
         if i + 1 < len(layers):
             outs = block.run()
             inputs = [((out,) + tuple(args[1:]), kwargs) for out, (args, kwargs) in zip(outs, inputs)]
+            if float_inputs is not None:
+                float_inputs = [
+                    ((out,) + tuple(args[1:]), kwargs) for out, (args, kwargs) in zip(meta["float_targets"], float_inputs)
+                ]
         logger.debug("torchq: calibrated %s", lp)
-    del inputs
+    del inputs, float_inputs
     substitutes = {n: storage_config(c) for n, c in targets.items() if n not in reports}
     for name in substitutes:
         logger.warning(

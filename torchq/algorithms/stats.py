@@ -10,7 +10,7 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["hessians", "input_stats"]
+__all__ = ["hessians", "input_stats", "input_stages"]
 
 
 class _Shared:
@@ -41,6 +41,34 @@ class _Shared:
 
     def release(self) -> None:
         self._prev_x = None
+
+
+def input_stages(block, names: list[str]) -> list[list[str]]:
+    """``names`` grouped by the input tensor they read, in the order the block runs them
+    (a decoder layer: ``[q, k, v], [o], [gate, up], [down]``), from one calibration item."""
+    order: list[list[str]] = []
+    last: list = [None]
+
+    def hook(name: str, x: torch.Tensor) -> None:
+        if any(name in st for st in order):
+            return
+        if x is last[0] and order:
+            order[-1].append(name)
+        else:
+            order.append([name])
+        last[0] = x
+
+    handles = [block.linears[n].register_forward_pre_hook(lambda m, a, _n=n: hook(_n, a[0])) for n in names]
+    try:
+        with torch.inference_mode():
+            args, kwargs = block.inputs[0]
+            block.module(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+        last[0] = None
+    seen = {n for st in order for n in st}
+    return order + [[n] for n in names if n not in seen]
 
 
 def hessians(block, names: list[str], act_scales: Optional[dict] = None) -> dict[str, torch.Tensor]:
