@@ -43,6 +43,10 @@ def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass early (caught by its caller)."""
+
+
 @dataclass
 class Block:
     """A module to calibrate: ``inputs`` are its ``(args, kwargs)`` per calibration item,
@@ -60,25 +64,37 @@ class Block:
 
     def run(self, hooks: Optional[Mapping[str, Callable[[str, torch.Tensor], None]]] = None, keep: bool = True):
         """Run the module on every input; ``hooks[name](name, x)`` sees each target linear's
-        input. Returns the outputs (first element of tuple outputs) if ``keep``."""
-        handles = []
-        for name, fn in (hooks or {}).items():
-            handles.append(self.linears[name].register_forward_pre_hook(lambda m, a, _n=name, _f=fn: _f(_n, a[0])))
+        input. Returns the outputs (first element of tuple outputs) if ``keep``; without
+        ``keep``, each item's run stops as soon as every hooked linear has seen its input
+        (the Hessian of q/k/v needs the layer's first norm only, not its MLP)."""
+        hooks = dict(hooks or {})
+        seen: set[str] = set()
+
+        def pre_hook(name, fn, x):
+            fn(name, x)
+            seen.add(name)
+            if not keep and len(seen) == len(hooks):
+                raise _Stop
+
+        handles = [
+            self.linears[name].register_forward_pre_hook(lambda m, a, _n=name, _f=fn: pre_hook(_n, _f, a[0]))
+            for name, fn in hooks.items()
+        ]
         outs = []
         try:
             with torch.inference_mode():
                 for args, kwargs in self.inputs:
-                    out = _first(self.module(*args, **kwargs))
+                    seen.clear()
+                    try:
+                        out = _first(self.module(*args, **kwargs))
+                    except _Stop:
+                        continue
                     if keep:
                         outs.append(out)
         finally:
             for h in handles:
                 h.remove()
         return outs
-
-
-class _Stop(Exception):
-    pass
 
 
 def decoder_layers(model: nn.Module) -> Optional[tuple[str, nn.ModuleList]]:
