@@ -126,6 +126,30 @@ def test_smoothquant_with_outliers_not_worse(base):
         assert (smooth(held) - ref).pow(2).mean() < (plain(held) - ref).pow(2).mean()
 
 
+@pytest.mark.parametrize("base", [torchq.int8_dynamic_activation_int8_weight(), torchq.int8_dynamic_activation_int4_weight(group_size=32)], ids=lambda c: c.type_name)
+def test_smoothquant_auto_alpha_picks_the_least_error_and_never_worse_than_unsmoothed(base):
+    """alpha="auto": the chosen smoothing has the smallest simulated W8A8 / W4A8 error of the
+    candidates (no smoothing among them); with outlier channels it smooths, and the layer
+    beats plain round-to-nearest on held-out inputs."""
+    from torchq.algorithms.smoothquant import AUTO_ALPHAS, search_alpha
+
+    calib, held = correlated_inputs(outliers=True)
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48)
+    x = torch.cat([c.reshape(-1, 64) for c in calib])
+    s, alpha, errors = search_alpha(x, x.abs().amax(0), [lin.weight], base)
+    assert set(errors) == {None, *AUTO_ALPHAS}
+    assert errors[alpha] == min(errors.values()) and alpha is not None and errors[alpha] < errors[None]
+    ref = lin(held).detach()
+    plain, smooth = copy.deepcopy(lin), copy.deepcopy(lin)
+    torchq.quantize_(plain, base)
+    report = torchq.quantize_(smooth, torchq.SmoothQuant(base, alpha="auto"), calibration=calib)
+    assert f"alpha={alpha:g}" in report.layers[0].note
+    torch.testing.assert_close(smooth.weight.act_scale, s)
+    with torch.no_grad():
+        assert (smooth(held) - ref).pow(2).mean() < (plain(held) - ref).pow(2).mean()
+
+
 def test_smoothquant_folds_into_norms_on_llama():
     model, calib, held = tiny_llama()
     ref = copy.deepcopy(model)

@@ -25,6 +25,7 @@ ALGOS = [
     torchq.AutoRound(INT4, preset="light"),
     torchq.HQQ(INT4),
     torchq.SmoothQuant(torchq.int8_dynamic_activation_int8_weight(), alpha=0.5),
+    torchq.SmoothQuant(torchq.int8_dynamic_activation_int8_weight(), alpha="auto"),
     torchq.SmoothQuant(torchq.GPTQ(torchq.int8_dynamic_activation_int4_weight(group_size=64)), alpha=0.6),
 ]
 
@@ -64,6 +65,8 @@ def test_bad_fields():
         torchq.GPTQ(INT4, damp=0)
     with pytest.raises(ValueError, match="alpha"):
         torchq.SmoothQuant(torchq.int8_dynamic_activation_int8_weight(), alpha=1.5)
+    with pytest.raises(ValueError, match="'auto'"):
+        torchq.SmoothQuant(torchq.int8_dynamic_activation_int8_weight(), alpha="best")
     with pytest.raises(ValueError, match="preset"):
         torchq.AutoRound(INT4, preset="heavy")
 

@@ -23,13 +23,14 @@ from torchq.algorithms.grid import grid_for
 from torchq.algorithms.registry import get_algorithm, register_algorithm
 from torchq.algorithms.stats import input_stats
 
-__all__ = ["search_scale", "search_clip", "round_to_nearest"]
+__all__ = ["search_scale", "search_clip", "round_to_nearest", "rtn_fake"]
 
 CLIP_SHRINKS = tuple(1.0 - 0.05 * i for i in range(11))  # 1.0 .. 0.5 (AutoAWQ: 20 steps; 10 halve the time)
 CLIP_TOKENS = 512
 
 
-def _fake(base, w: torch.Tensor) -> torch.Tensor:
+def rtn_fake(base, w: torch.Tensor) -> torch.Tensor:
+    """``w`` (N, K) rounded to nearest on the storage config's grid, as floats."""
     grid = grid_for(base, w.shape)
     return grid.rtn(grid.pad(w))[:, : w.shape[1]]
 
@@ -43,7 +44,7 @@ def search_scale(weights: list[torch.Tensor], x: torch.Tensor, mean_abs: torch.T
     for r in range(n_grid):
         s = mean_abs.clamp(min=1e-4).pow(r / n_grid)
         s = s / (s.max() * s.min()).sqrt()
-        wq = torch.cat([_fake(base, wi.float() * s) for wi in weights]) / s
+        wq = torch.cat([rtn_fake(base, wi.float() * s) for wi in weights]) / s
         err = float((x @ wq.t() - ref).pow(2).mean())
         errs.append(err)
         if best_err is None or err < best_err:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, Union
 
 from torchq.formats.codebook4.config import FP4WeightOnlyConfig, NF4WeightOnlyConfig
 from torchq.formats.affine.config import (
@@ -184,14 +184,18 @@ class AWQConfig(AlgorithmConfig):
 @dataclass(frozen=True)
 class SmoothQuantConfig(AlgorithmConfig):
     """SmoothQuant (Xiao et al. 2022): migrate activation outliers into the weights with
-    ``s = max|x|^alpha / max|w|^(1 - alpha)`` per input channel, folded into the norms."""
+    ``s = max|x|^alpha / max|w|^(1 - alpha)`` per input channel, folded into the norms.
+    ``alpha="auto"``: per group of linears sharing an input, the alpha in 0, 0.1 .. 1 (or no
+    smoothing) whose int8-activation output error on the calibration inputs is smallest."""
 
     type_name: ClassVar[str] = "smoothquant"
-    alpha: float = 0.5
+    alpha: Union[float, str] = 0.5
 
     def _check_fields(self) -> None:
-        if not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
+        if self.alpha == "auto":
+            return
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not 0 <= self.alpha <= 1:
+            raise ValueError(f"alpha must be in [0, 1] or 'auto', got {self.alpha!r}")
 
 
 @register_config
@@ -249,7 +253,7 @@ def AWQ(base: QuantConfig, **kwargs) -> AWQConfig:
     return AWQConfig(base=base, **kwargs)
 
 
-def SmoothQuant(base: QuantConfig, alpha: float = 0.5, **kwargs) -> SmoothQuantConfig:
+def SmoothQuant(base: QuantConfig, alpha: Union[float, str] = 0.5, **kwargs) -> SmoothQuantConfig:
     return SmoothQuantConfig(base=base, alpha=alpha, **kwargs)
 
 
