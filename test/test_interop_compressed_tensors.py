@@ -111,3 +111,23 @@ def test_targets_and_ignore_follow_the_library_rules():
     assert scheme_for("model.layers.0.mlp.down_proj", ("Linear", "Module"), qcfg) is None
     assert scheme_for("lm_head", ("Linear", "Module"), qcfg) is None
     assert scheme_for("model.norm", ("LlamaRMSNorm", "Module"), {"config_groups": {"g": {"targets": ["Linear"]}}}) is None
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq", "awq-gemm"])
+def test_export_config_names_the_architecture(tmp_path, fmt):
+    """config.json names the model class, as transformers' save_pretrained writes it: a model built
+    from a config (or a GGUF file) has ``architectures=None``, and vLLM then guesses the class from
+    ``model_type`` (SmolLM2 resolved to ``LlamaModel``, its embedding-model entry)."""
+    import json
+
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(config).eval()
+    assert model.config.architectures is None
+    torchq.quantize_(model, torchq.int4_weight_only(group_size=32), filter_fn=lambda m, n: n != "lm_head")
+    torchq.save_pretrained(model, str(tmp_path), format=fmt)
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["architectures"] == ["LlamaForCausalLM"]
+    assert type(torchq.from_pretrained(str(tmp_path))).__name__ == "LlamaForCausalLM"

