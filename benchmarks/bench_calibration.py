@@ -17,6 +17,7 @@ to nearest by ``torchq.quantize_``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -31,6 +32,8 @@ METHODS = {
     "rtn": lambda base: base,
     "gptq": lambda base: __import__("torchq").GPTQ(base),
     "gptq_act": lambda base: __import__("torchq").GPTQ(base, act_order=True),
+    "gptq_mse": lambda base: __import__("torchq").GPTQ(base, mse_clip=True),
+    "gptq_act_mse": lambda base: __import__("torchq").GPTQ(base, act_order=True, mse_clip=True),
     "hqq": lambda base: __import__("torchq").HQQ(base),
     "awq": lambda base: __import__("torchq").AWQ(base),
     "awq_gptq": lambda base: __import__("torchq").AWQ(__import__("torchq").GPTQ(base)),
@@ -75,8 +78,12 @@ def run_one(args) -> dict:
                 grid = grid_for(base, mod.weight.shape)
                 mod.weight = torch.nn.Parameter(grid.tensor(grid.pad(mod.weight.detach()), mod.weight.dtype), requires_grad=False)
         row["seconds"] = time.perf_counter() - t0
+    elif args.one == "autoround_peer":
+        model = _autoround_peer(model, tok, args, row)
     elif args.one != "float":
         cfg = METHODS[args.one](base_config(args.scheme, args.group_size))
+        if args.autoround_iters and isinstance(cfg, torchq.AutoRoundConfig):
+            cfg = dataclasses.replace(cfg, iters=args.autoround_iters)
         calib = torchq.calibration_data(tok, n_samples=args.calib_samples, seq_len=args.seq_len)
         t0 = time.perf_counter()
         torchq.quantize_(model, cfg, filter_fn=lambda m, n: n != "lm_head", calibration=calib)
@@ -85,6 +92,39 @@ def run_one(args) -> dict:
     res = teval.evaluate(model, windows, ref, batch_size=8, progress=False)
     row.update(perplexity=res.perplexity, kl=res.kl, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return row
+
+
+def _autoround_peer(model, tok, args, row):
+    """intel's ``auto-round`` (optional: ``pip install --no-deps auto-round==0.16.1 py-cpuinfo datasets``)
+    on the same float model and the same calibration tokens (W4 asymmetric, this group size,
+    ``--autoround-iters``), exported with its GPTQ packing and loaded back by
+    ``torchq.from_pretrained``: the model it would hand a user, scored like every other row."""
+    import tempfile
+
+    import torchq
+
+    try:
+        from auto_round import AutoRound
+        import auto_round
+    except ImportError as e:
+        raise SystemExit(f"autoround_peer needs intel's auto-round: pip install --no-deps auto-round==0.16.1 py-cpuinfo datasets ({e})")
+    if args.scheme != "int4":
+        raise SystemExit("autoround_peer compares int4 (W4 asymmetric) only")
+    calib = [ids.reshape(1, -1) for ids in torchq.calibration_data(tok, n_samples=args.calib_samples, seq_len=args.seq_len)]
+    iters = args.autoround_iters or torchq.AutoRound(base_config(args.scheme, args.group_size)).iters
+    row["peer"] = f"auto-round {auto_round.__version__}, iters={iters}"
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.perf_counter()
+        ar = AutoRound(
+            model, tok, bits=4, group_size=args.group_size, sym=False, iters=iters, nsamples=len(calib),
+            seqlen=args.seq_len, batch_size=8, dataset=calib, enable_torch_compile=False, device_map="cpu",
+        )
+        ar.quantize_and_save(out, format="auto_gptq")
+        row["seconds"] = time.perf_counter() - t0
+        written = [root for root, _, files in os.walk(out) if "config.json" in files]  # it adds a sub-folder
+        if len(written) != 1:
+            raise SystemExit(f"auto-round wrote {len(written)} checkpoints under {out}; expected one")
+        return torchq.from_pretrained(written[0])
 
 
 def table(rows: list[dict]) -> str:
@@ -110,6 +150,7 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--windows", type=int, default=24)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--autoround-iters", type=int, default=None, help="AutoRound iterations (ours and the peer's; default: the config's)")
     p.add_argument("--json", default=None, help="also write the rows here")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -118,8 +159,8 @@ def main(argv=None) -> int:
         return 0
     rows = []
     for method in args.methods.split(","):
-        if method not in ("float", "rtn_free") and method not in METHODS:
-            raise SystemExit(f"unknown method {method!r}; known: float, rtn_free, {', '.join(METHODS)}")
+        if method not in ("float", "rtn_free", "autoround_peer") and method not in METHODS:
+            raise SystemExit(f"unknown method {method!r}; known: float, rtn_free, autoround_peer, {', '.join(METHODS)}")
         cmd = [sys.executable, __file__, "--one", method] + [a for a in (argv or sys.argv[1:]) if a]
         out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
         line = next((l for l in out.stdout.splitlines() if l.startswith("ROW ")), None)
