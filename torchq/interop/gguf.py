@@ -397,9 +397,22 @@ class GGUFFile:
         dtype: torch.dtype = torch.float32,
         keep_quantized: bool = True,
         scale_dtype: torch.dtype = torch.float16,
+        **config_overrides,
     ) -> tuple[nn.Module, GGUFImportReport]:
         """``(model, report)``; see :func:`load_gguf`."""
-        return _build_model(self, dtype, keep_quantized, scale_dtype)
+        return _build_model(self, dtype, keep_quantized, scale_dtype, config_overrides)
+
+    def config_with(self, **overrides):
+        """The config with transformers-style overrides (``attn_implementation="eager"``,
+        ``rope_theta=...``): applied as ``AutoConfig.from_pretrained(..., **overrides)`` applies
+        them; a key that is neither a config attribute nor a known keyword raises."""
+        if not overrides:
+            return self.config
+        from torchq.interop.checkpoint import reject_unused_overrides
+
+        config, unused = type(self.config).from_dict(self.config.to_dict(), return_unused_kwargs=True, **overrides)
+        reject_unused_overrides(self.path, config, unused)
+        return config
 
 
 def load_gguf(
@@ -409,6 +422,7 @@ def load_gguf(
     keep_quantized: bool = True,
     scale_dtype: torch.dtype = torch.float16,
     return_report: bool = False,
+    **config_overrides,
 ):
     """Load a GGUF file as a transformers causal LM (``eval()`` mode).
 
@@ -418,9 +432,10 @@ def load_gguf(
     dtype; ``scale_dtype`` the storage dtype of imported scales (fp16 as in the file, or
     fp32: both exact). Returns the model, or ``(model, GGUFImportReport)`` with
     ``return_report``; the report's summary is also logged (``logging.getLogger("torchq")``)
-    and every dequantized tensor gets a warning line.
+    and every dequantized tensor gets a warning line. ``config_overrides`` go to the
+    transformers config (:meth:`GGUFFile.config_with`).
     """
-    model, report = GGUFFile(path).model(dtype=dtype, keep_quantized=keep_quantized, scale_dtype=scale_dtype)
+    model, report = GGUFFile(path).model(dtype=dtype, keep_quantized=keep_quantized, scale_dtype=scale_dtype, **config_overrides)
     return (model, report) if return_report else model
 
 
@@ -494,7 +509,7 @@ def gguf_to_hf_names(model: nn.Module, architecture: str, n_layers: int) -> dict
     return out
 
 
-def _build_model(f: GGUFFile, dtype, keep_quantized, scale_dtype):
+def _build_model(f: GGUFFile, dtype, keep_quantized, scale_dtype, config_overrides=None):
     try:
         import gguf
         from accelerate import init_empty_weights
@@ -507,7 +522,7 @@ def _build_model(f: GGUFFile, dtype, keep_quantized, scale_dtype):
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(f"torchq.load_gguf needs the `gguf` and `accelerate` packages: pip install 'torchq[gguf]' ({e})")
 
-    config, arch = f.config, f.architecture
+    config, arch = f.config_with(**(config_overrides or {})), f.architecture
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
