@@ -383,12 +383,23 @@ class GGUFFile:
         return self.reader.architecture
 
     def tokenizer(self):
-        """The tokenizer stored in the file (transformers' GGUF tokenizer conversion)."""
+        """The tokenizer stored in the file (transformers' GGUF tokenizer conversion), the very
+        one ``AutoTokenizer.from_pretrained(dir, gguf_file=name)`` returns.
+
+        Where AutoTokenizer would end at its generic ``TokenizersBackend`` (an architecture with
+        no tokenizer class of its own, e.g. llama / SmolLM2, and no tokenizer files beside the
+        GGUF), that class is built directly: AutoTokenizer first re-reads the whole file with
+        gguf-py only to learn the model type (SmolLM2: 12 s of 13)."""
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
             directory, name = os.path.split(self.path)
-            self._tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+            if _generic_tokenizer_is_autos_choice(self.config, directory):
+                from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+                self._tokenizer = TokenizersBackend.from_pretrained(directory, gguf_file=name)
+            else:
+                self._tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
         return self._tokenizer
 
     def model(
@@ -413,6 +424,20 @@ class GGUFFile:
         config, unused = type(self.config).from_dict(self.config.to_dict(), return_unused_kwargs=True, **overrides)
         reject_unused_overrides(self.path, config, unused)
         return config
+
+
+def _generic_tokenizer_is_autos_choice(config, directory: str) -> bool:
+    """True where AutoTokenizer picks ``TokenizersBackend`` for this GGUF config: its model type
+    has no registered tokenizer class, the config names none, and no tokenizer file in the
+    directory could name one."""
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
+
+    files = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json")
+    return (
+        TOKENIZER_MAPPING_NAMES.get(config.model_type) is None
+        and getattr(config, "tokenizer_class", None) is None
+        and not any(os.path.exists(os.path.join(directory, f)) for f in files)
+    )
 
 
 def load_gguf(
