@@ -125,3 +125,23 @@ def test_float_target_is_the_float_models_layer_output():
         ar.autoround_block = real
     with pytest.raises(ValueError, match="target"):
         torchq.AutoRound(torchq.int4_weight_only(), target="fp32")
+
+
+def test_decoder_layer_steps_run_as_one_batch_with_the_same_losses():
+    """A decoder layer's calibration items share positions and rotary tables: each step runs
+    its items as one batch (one forward / backward). The losses equal the item-by-item ones."""
+    from torchq.algorithms.autoround import _batchable
+    from torchq.algorithms.sequential import capture_layer_inputs
+
+    model, calib, _ = tiny_llama(layers=1)
+    layer = model.model.layers[0]
+    names = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
+    inputs = capture_layer_inputs(model, layer, calib)
+    cfg = torchq.AutoRound(torchq.int4_weight_only(group_size=32), iters=6, batch_size=3)
+    runs = {}
+    for batched in (True, False):
+        module = copy.deepcopy(layer)
+        block = Block(module, inputs, {n: module.get_submodule(n) for n in names})
+        runs[batched] = autoround_block(block, names, cfg, batch_items=batched)[1]
+    assert _batchable([(a, k, t) for (a, k), t in zip(inputs, Block(layer, inputs, {}).run())])
+    torch.testing.assert_close(torch.tensor(runs[True]), torch.tensor(runs[False]), rtol=1e-4, atol=1e-7)

@@ -155,6 +155,44 @@ def test_tiny_llama_float_load_matches_transformers(tiny):
     assert report.count(action="quantized") == 0
 
 
+def test_tokenizer_equals_autotokenizers(tiny, tmp_path):
+    """GGUFFile.tokenizer() builds, without AutoTokenizer's second parse of the file, the
+    tokenizer AutoTokenizer returns: same class, backend, special tokens and encodings; with a
+    tokenizer file beside the GGUF it defers to AutoTokenizer."""
+    import os
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from torchq.interop.gguf import _generic_tokenizer_is_autos_choice
+
+    directory, name = os.path.split(tiny["path"])
+    ours, ref = GGUFFile(tiny["path"]).tokenizer(), AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    assert _generic_tokenizer_is_autos_choice(GGUFFile(tiny["path"]).config, directory)
+    assert type(ours) is type(ref)
+    assert ours.backend_tokenizer.to_str() == ref.backend_tokenizer.to_str()
+    assert ours.special_tokens_map == ref.special_tokens_map and ours.init_kwargs == ref.init_kwargs
+    text = "hello world, the tiny llama"
+    assert ours(text).input_ids == ref(text).input_ids
+    other = tmp_path / "with_config"
+    other.mkdir()
+    shutil.copy(tiny["path"], other / name)
+    (other / "tokenizer_config.json").write_text("{}")
+    assert not _generic_tokenizer_is_autos_choice(GGUFFile(str(other / name)).config, str(other))
+
+
+def test_from_pretrained_gguf_takes_config_overrides(tiny):
+    """``torchq.from_pretrained(file.gguf, **overrides)`` applies them to the transformers config,
+    as for a directory; a key no config attribute takes raises instead of being dropped."""
+    model = torchq.from_pretrained(tiny["path"], attn_implementation="eager", max_position_embeddings=77)
+    assert model.config._attn_implementation == "eager" and model.config.max_position_embeddings == 77
+    ids = torch.randint(0, 258, (1, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, load_gguf(tiny["path"])(ids).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match=r"unknown config overrides \['rope_thetta'\]"):
+        torchq.from_pretrained(tiny["path"], rope_thetta=1e4)
+
+
 def test_tiny_llama_name_map_matches_transformers(tiny):
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor, get_gguf_hf_weights_map
 

@@ -166,3 +166,5 @@ def test_dtype_and_config_overrides(tmp_path):
     torch.testing.assert_close(_logits(bf16).float(), _logits(model), rtol=0.1, atol=0.1)
     with pytest.raises(ValueError, match="CPU only"):
         torchq.from_pretrained(str(tmp_path / "g"), device="cuda")
+    with pytest.raises(TypeError, match=r"unknown config overrides \['attn_implementaton'\]"):
+        torchq.from_pretrained(str(tmp_path / "g"), attn_implementaton="eager")

@@ -130,9 +130,36 @@ def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def autoround_block(block, names, config: AlgorithmConfig, act_scales=None, generator=None):
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def _batchable(items) -> bool:
+    """Every item differs only in its first argument, a ``(1, ...)`` tensor of one shape (a
+    decoder layer's hidden states; positions, rotary tables and masks shared): the items of a
+    step then run as one batch, one forward and backward instead of ``batch_size``."""
+    args0, kwargs0, target0 = items[0]
+    for args, kwargs, target in items:
+        if not args or not isinstance(args[0], torch.Tensor) or args[0].dim() < 2 or args[0].shape[0] != 1:
+            return False
+        if args[0].shape != args0[0].shape or target.shape != target0.shape or target.shape[0] != 1:
+            return False
+        if not (_same(args[1:], args0[1:]) and _same(kwargs, kwargs0)):
+            return False
+    return True
+
+
+
+def autoround_block(block, names, config: AlgorithmConfig, act_scales=None, generator=None, batch_items: bool = True):
     """Learn the rounding of ``names`` in ``block``; returns ``(results, losses)`` with the
-    loss of every step (for tests and logs)."""
+    loss of every step (for tests and logs). ``batch_items``: run a step's items as one
+    batch where they allow it (:func:`_batchable`)."""
     act_scales = act_scales or {}
     base = storage_config(config)
     float_targets = block.meta.get("float_targets") if getattr(config, "target", "block") == "float" else None
@@ -142,6 +169,7 @@ def autoround_block(block, names, config: AlgorithmConfig, act_scales=None, gene
         full = args[0].shape[-2] if args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2 else None
         seqlen = config.seqlen if block.sequential else None
         items.append((_detach_tree(args, seqlen, full), _detach_tree(kwargs, seqlen, full), _detach_tree(target, seqlen, full)))
+    batched = batch_items and _batchable(items)
     rp = {}
     for n in names:
         lin = block.linears[n]
@@ -157,12 +185,19 @@ def autoround_block(block, names, config: AlgorithmConfig, act_scales=None, gene
         for it in range(config.iters):
             pick = torch.randperm(len(items), generator=gen)[: config.batch_size].tolist()
             weights = {f"{n}.weight": r.fake() for n, r in rp.items()}
-            loss = 0.0
-            for i in pick:
-                args, kwargs, target = items[i]
-                out = _first(functional_call(block.module, weights, args, kwargs))
-                loss = loss + torch.nn.functional.mse_loss(out.float(), target.float())
-            loss = loss / len(pick)
+            if batched:  # the mean over the batch = the mean of the items' means (equal sizes)
+                args0, kwargs0, _ = items[0]
+                x = torch.cat([items[i][0][0] for i in pick])
+                out = _first(functional_call(block.module, weights, (x,) + tuple(args0[1:]), kwargs0))
+                target = torch.cat([items[i][2] for i in pick])
+                loss = torch.nn.functional.mse_loss(out.float(), target.float())
+            else:
+                loss = 0.0
+                for i in pick:
+                    args, kwargs, target = items[i]
+                    out = _first(functional_call(block.module, weights, args, kwargs))
+                    loss = loss + torch.nn.functional.mse_loss(out.float(), target.float())
+                loss = loss / len(pick)
             for p in params:
                 p.grad = None
             loss.backward()

@@ -222,13 +222,22 @@ def _as_checkpoint_error(directory: str, name: str):
         raise CheckpointError(f"{type(e).__name__}: {e}", file=directory, tensor=name) from e
 
 
+def reject_unused_overrides(path: str, config, unused: Mapping) -> None:
+    """A ``from_pretrained`` keyword that no config attribute took raises (transformers would
+    drop it silently: a typo then changes nothing without a word)."""
+    if unused:
+        raise TypeError(f"{path}: unknown config overrides {sorted(unused)}; {type(config).__name__} has no such "
+                        "attribute (transformers 5 keeps RoPE settings in rope_parameters)")
+
+
 def load_quantized_dir(directory: str, qcfg: Mapping, *, dtype: torch.dtype = torch.float32, **config_overrides) -> nn.Module:
     """A transformers causal LM from a foreign quantized checkpoint directory (see module doc)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     importer = IMPORTERS[detect_format(qcfg)]
-    config = AutoConfig.from_pretrained(directory, **config_overrides)
+    config, unused = AutoConfig.from_pretrained(directory, return_unused_kwargs=True, **config_overrides)
+    reject_unused_overrides(directory, config, unused)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights become torchq tensors: no foreign quantizer
     with init_empty_weights(include_buffers=False):

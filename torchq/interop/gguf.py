@@ -383,12 +383,23 @@ class GGUFFile:
         return self.reader.architecture
 
     def tokenizer(self):
-        """The tokenizer stored in the file (transformers' GGUF tokenizer conversion)."""
+        """The tokenizer stored in the file (transformers' GGUF tokenizer conversion), the very
+        one ``AutoTokenizer.from_pretrained(dir, gguf_file=name)`` returns.
+
+        Where AutoTokenizer would end at its generic ``TokenizersBackend`` (an architecture with
+        no tokenizer class of its own, e.g. llama / SmolLM2, and no tokenizer files beside the
+        GGUF), that class is built directly: AutoTokenizer first re-reads the whole file with
+        gguf-py only to learn the model type (SmolLM2: 12 s of 13)."""
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
             directory, name = os.path.split(self.path)
-            self._tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+            if _generic_tokenizer_is_autos_choice(self.config, directory):
+                from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+                self._tokenizer = TokenizersBackend.from_pretrained(directory, gguf_file=name)
+            else:
+                self._tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
         return self._tokenizer
 
     def model(
@@ -397,9 +408,36 @@ class GGUFFile:
         dtype: torch.dtype = torch.float32,
         keep_quantized: bool = True,
         scale_dtype: torch.dtype = torch.float16,
+        **config_overrides,
     ) -> tuple[nn.Module, GGUFImportReport]:
         """``(model, report)``; see :func:`load_gguf`."""
-        return _build_model(self, dtype, keep_quantized, scale_dtype)
+        return _build_model(self, dtype, keep_quantized, scale_dtype, config_overrides)
+
+    def config_with(self, **overrides):
+        """The config with transformers-style overrides (``attn_implementation="eager"``,
+        ``rope_theta=...``): applied as ``AutoConfig.from_pretrained(..., **overrides)`` applies
+        them; a key that is neither a config attribute nor a known keyword raises."""
+        if not overrides:
+            return self.config
+        from torchq.interop.checkpoint import reject_unused_overrides
+
+        config, unused = type(self.config).from_dict(self.config.to_dict(), return_unused_kwargs=True, **overrides)
+        reject_unused_overrides(self.path, config, unused)
+        return config
+
+
+def _generic_tokenizer_is_autos_choice(config, directory: str) -> bool:
+    """True where AutoTokenizer picks ``TokenizersBackend`` for this GGUF config: its model type
+    has no registered tokenizer class, the config names none, and no tokenizer file in the
+    directory could name one."""
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
+
+    files = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json")
+    return (
+        TOKENIZER_MAPPING_NAMES.get(config.model_type) is None
+        and getattr(config, "tokenizer_class", None) is None
+        and not any(os.path.exists(os.path.join(directory, f)) for f in files)
+    )
 
 
 def load_gguf(
@@ -409,6 +447,7 @@ def load_gguf(
     keep_quantized: bool = True,
     scale_dtype: torch.dtype = torch.float16,
     return_report: bool = False,
+    **config_overrides,
 ):
     """Load a GGUF file as a transformers causal LM (``eval()`` mode).
 
@@ -418,9 +457,10 @@ def load_gguf(
     dtype; ``scale_dtype`` the storage dtype of imported scales (fp16 as in the file, or
     fp32: both exact). Returns the model, or ``(model, GGUFImportReport)`` with
     ``return_report``; the report's summary is also logged (``logging.getLogger("torchq")``)
-    and every dequantized tensor gets a warning line.
+    and every dequantized tensor gets a warning line. ``config_overrides`` go to the
+    transformers config (:meth:`GGUFFile.config_with`).
     """
-    model, report = GGUFFile(path).model(dtype=dtype, keep_quantized=keep_quantized, scale_dtype=scale_dtype)
+    model, report = GGUFFile(path).model(dtype=dtype, keep_quantized=keep_quantized, scale_dtype=scale_dtype, **config_overrides)
     return (model, report) if return_report else model
 
 
@@ -494,7 +534,7 @@ def gguf_to_hf_names(model: nn.Module, architecture: str, n_layers: int) -> dict
     return out
 
 
-def _build_model(f: GGUFFile, dtype, keep_quantized, scale_dtype):
+def _build_model(f: GGUFFile, dtype, keep_quantized, scale_dtype, config_overrides=None):
     try:
         import gguf
         from accelerate import init_empty_weights
@@ -507,7 +547,7 @@ def _build_model(f: GGUFFile, dtype, keep_quantized, scale_dtype):
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(f"torchq.load_gguf needs the `gguf` and `accelerate` packages: pip install 'torchq[gguf]' ({e})")
 
-    config, arch = f.config, f.architecture
+    config, arch = f.config_with(**(config_overrides or {})), f.architecture
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())

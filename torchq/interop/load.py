@@ -55,7 +55,7 @@ def detect_source(path: str) -> str:
 def _load_gguf(path, dtype, **kw):
     from torchq.interop.gguf import load_gguf
 
-    return load_gguf(path, dtype=dtype)
+    return load_gguf(path, dtype=dtype, **kw)
 
 
 def _load_foreign(path, dtype, **kw):
@@ -114,7 +114,8 @@ def from_pretrained(path: str, *, dtype: torch.dtype = torch.float32, device: st
     quantized Linear weights are torchq tensors holding the file's codes and scales exactly.
 
     ``dtype`` is the compute dtype of activations and unquantized weights; ``overrides`` go to
-    the transformers config (e.g. ``attn_implementation="sdpa"``). Only ``device="cpu"``.
+    the transformers config (e.g. ``attn_implementation="sdpa"``) for every source, GGUF
+    included; one that no config attribute takes raises ``TypeError``. Only ``device="cpu"``.
     """
     if str(device) != "cpu":
         raise ValueError(f"torchq.from_pretrained loads onto the CPU only, got device={device!r}; move the model afterwards")
