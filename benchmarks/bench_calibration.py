@@ -82,7 +82,7 @@ def run_one(args) -> dict:
         model = _autoround_peer(model, tok, args, row)
     elif args.one != "float":
         cfg = METHODS[args.one](base_config(args.scheme, args.group_size))
-        if args.autoround_iters and isinstance(cfg, torchq.AutoRoundConfig):
+        if args.autoround_iters is not None and isinstance(cfg, torchq.AutoRoundConfig):
             cfg = dataclasses.replace(cfg, iters=args.autoround_iters)
         calib = torchq.calibration_data(tok, n_samples=args.calib_samples, seq_len=args.seq_len)
         t0 = time.perf_counter()
@@ -111,7 +111,7 @@ def _autoround_peer(model, tok, args, row):
     if args.scheme != "int4":
         raise SystemExit("autoround_peer compares int4 (W4 asymmetric) only")
     calib = [ids.reshape(1, -1) for ids in torchq.calibration_data(tok, n_samples=args.calib_samples, seq_len=args.seq_len)]
-    iters = args.autoround_iters or torchq.AutoRound(base_config(args.scheme, args.group_size)).iters
+    iters = args.autoround_iters if args.autoround_iters is not None else torchq.AutoRound(base_config(args.scheme, args.group_size)).iters
     row["peer"] = f"auto-round {auto_round.__version__}, iters={iters}"
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()

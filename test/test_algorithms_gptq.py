@@ -179,6 +179,29 @@ def test_hessians_of_early_linears_stop_the_layer_there():
         torch.testing.assert_close(early[n], x.t() @ x / x.shape[0], rtol=1e-4, atol=1e-5)
 
 
+def test_plain_module_statistics_see_every_call_of_a_linear():
+    """A plain module (not a decoder layer) may call a linear twice: its run is never cut short,
+    so the Hessian counts both inputs."""
+    from torchq.algorithms.sequential import Block
+    from torchq.algorithms.stats import hessians
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.a(self.b(self.a(x)))
+
+    torch.manual_seed(0)
+    m, x = Twice(), torch.randn(16, 8)
+    block = Block(m, [((x,), {})], {"a": m.a, "b": m.b}, sequential=False)
+    with torch.no_grad():
+        x2 = m.b(m.a(x))
+    both = torch.cat([x, x2])
+    torch.testing.assert_close(hessians(block, ["a", "b"])["a"], both.t() @ both / both.shape[0], rtol=1e-4, atol=1e-5)
+
+
 def test_true_sequential_stages_and_hessians_from_rounded_outputs():
     """Within a decoder layer: [q, k, v] -> [o] -> [gate, up] -> [down]; o's Hessian comes from
     the outputs of the rounded v (so it differs from the float layer's), and the staged

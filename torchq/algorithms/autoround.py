@@ -155,7 +155,6 @@ def _batchable(items) -> bool:
     return True
 
 
-
 def autoround_block(block, names, config: AlgorithmConfig, act_scales=None, generator=None, batch_items: bool = True):
     """Learn the rounding of ``names`` in ``block``; returns ``(results, losses)`` with the
     loss of every step (for tests and logs). ``batch_items``: run a step's items as one

@@ -65,15 +65,16 @@ class Block:
     def run(self, hooks: Optional[Mapping[str, Callable[[str, torch.Tensor], None]]] = None, keep: bool = True):
         """Run the module on every input; ``hooks[name](name, x)`` sees each target linear's
         input. Returns the outputs (first element of tuple outputs) if ``keep``; without
-        ``keep``, each item's run stops as soon as every hooked linear has seen its input
-        (the Hessian of q/k/v needs the layer's first norm only, not its MLP)."""
+        ``keep``, a decoder layer's run (``sequential``: each linear called once) stops as soon
+        as every hooked linear has seen its input (the Hessian of q/k/v needs the layer's first
+        norm only, not its MLP). A plain module runs whole: it may call a linear twice."""
         hooks = dict(hooks or {})
         seen: set[str] = set()
 
         def pre_hook(name, fn, x):
             fn(name, x)
             seen.add(name)
-            if not keep and len(seen) == len(hooks):
+            if not keep and self.sequential and len(seen) == len(hooks):
                 raise _Stop
 
         handles = [

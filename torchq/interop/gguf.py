@@ -415,8 +415,8 @@ class GGUFFile:
 
     def config_with(self, **overrides):
         """The config with transformers-style overrides (``attn_implementation="eager"``,
-        ``rope_theta=...``): applied as ``AutoConfig.from_pretrained(..., **overrides)`` applies
-        them; a key that is neither a config attribute nor a known keyword raises."""
+        ``max_position_embeddings=...``): applied as ``AutoConfig.from_pretrained(..., **overrides)``
+        applies them; a key that is neither a config attribute nor a known keyword raises."""
         if not overrides:
             return self.config
         from torchq.interop.checkpoint import reject_unused_overrides
