@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import torchq
 from torchq.quantize.handlers import get_handler
-from torchq.memory import release_file_pages, release_free_memory
+from torchq.memory import copy_out_of_file, release_file_pages, release_free_memory
 from torchq.quantize.row_chunks import quantize_in_row_chunks
 
 CONFIGS = [
@@ -88,3 +88,28 @@ def test_release_file_pages_leaves_ordinary_memory_alone():
     assert not release_file_pages(t[:, ::2])
     assert torch.equal(t, copy)
     release_free_memory()  # harmless anywhere
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+@pytest.mark.parametrize("chunk_bytes", [1 << 20, 3 * 4096 + 12, 64 << 20])
+def test_copy_out_of_file_copies_and_leaves_the_file_pages_dropped(tmp_path, chunk_bytes):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    big = torch.randn(2048, 1024)  # 8 MiB
+    save_file({"w": big}, tmp_path / "x.safetensors")
+    with safe_open(tmp_path / "x.safetensors", framework="pt") as f:
+        w = f.get_slice("w")[...]
+        before = _rss_file_kb()
+        copy = copy_out_of_file(w, chunk_bytes=chunk_bytes)
+        after = _rss_file_kb()
+        assert torch.equal(copy, big) and copy.data_ptr() != w.data_ptr()
+        assert after - before < 1024  # the copy read all 8 MiB of the file, none of it stayed resident
+        copy.add_(1.0)
+        assert torch.equal(w, big)  # an independent copy
+
+
+def test_copy_out_of_file_of_ordinary_memory_is_a_clone():
+    t = torch.randn(100, 7)[:, ::2]
+    copy = copy_out_of_file(t)
+    assert torch.equal(copy, t) and copy.is_contiguous() and copy.data_ptr() != t.data_ptr()

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["release_free_memory", "release_file_pages"]
+__all__ = ["release_free_memory", "release_file_pages", "copy_out_of_file"]
 
 _MADV_DONTNEED = 4
 
@@ -51,17 +51,47 @@ def release_file_pages(t: torch.Tensor) -> bool:
     float weight that has been quantized); the file still holds them. Returns whether
     anything was released.
     """
-    libc = _libc()
-    if libc is None or getattr(libc, "madvise", None) is None:
-        return False
     if type(t) is not torch.Tensor or t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
         return False
+    return _mapped_from_file(t) and _drop_pages(t)
+
+
+def copy_out_of_file(t: torch.Tensor, chunk_bytes: int = 8 << 20) -> torch.Tensor:
+    """A copy of ``t`` in ordinary memory; if ``t`` is a view of a file mapping, the copy is
+    made ``chunk_bytes`` at a time and each chunk's file pages are dropped once copied.
+
+    A plain ``clone()`` of a mapped tensor faults the whole tensor in before the copy is
+    complete, so for a moment both the file's pages and the copy are resident (a tied
+    SmolLM2 embedding: 113 MB twice). Chunking bounds that overlap to one chunk.
+    """
+    out = torch.empty_like(t, memory_format=torch.contiguous_format)
+    if type(t) is not torch.Tensor or t.device.type != "cpu" or not t.is_contiguous() or not _mapped_from_file(t):
+        return out.copy_(t)
+    src, dst = t.reshape(-1), out.view(-1)
+    step = max(1, chunk_bytes // t.element_size())
+    for i in range(0, src.numel(), step):
+        dst[i : i + step].copy_(src[i : i + step])
+        _drop_pages(src[i : i + step])
+    return out
+
+
+def _page_range(t: torch.Tensor) -> tuple[int, int]:
+    """The whole pages inside ``t``'s bytes (empty when none)."""
     page = mmap.PAGESIZE
     start = t.data_ptr()
     end = start + t.numel() * t.element_size()
-    lo = -(-start // page) * page
-    hi = (end // page) * page
-    if hi <= lo or not _in_file_mapping(lo, hi):
+    return -(-start // page) * page, (end // page) * page
+
+
+def _mapped_from_file(t: torch.Tensor) -> bool:
+    lo, hi = _page_range(t)
+    return hi > lo and _in_file_mapping(lo, hi)
+
+
+def _drop_pages(t: torch.Tensor) -> bool:
+    libc = _libc()
+    lo, hi = _page_range(t)
+    if libc is None or getattr(libc, "madvise", None) is None or hi <= lo:
         return False
     return libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), ctypes.c_int(_MADV_DONTNEED)) == 0
 

@@ -183,6 +183,8 @@ class TorchqDeserialize(_SharedOp):
             if pattern in self.hf_quantizer.checksums:
                 check_crc32(values[0], self.hf_quantizer.checksums[pattern], pattern)
         weight = rebuild_entry(full_layer_name, meta, tensors)
+        for value in tensors.values():  # repacked into the weight: the file's pages are done with
+            release_file_pages(value)
         dtype = model.get_parameter(full_layer_name).dtype if model is not None else weight.dtype
         if dtype.is_floating_point and weight.dtype != dtype:  # follow from_pretrained(dtype=...)
             weight = weight.to(dtype=dtype)

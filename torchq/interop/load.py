@@ -78,8 +78,11 @@ def _release_file_mapping(model: nn.Module) -> None:
     transformers loads safetensors through a private mapping of the file, and a plain tensor
     (a norm weight) is a view into it: one such view keeps every page of the file resident,
     although the quantized codes were already copied into their kernel layouts (SmolLM2 int4:
-    84 MB of RSS for nothing). The copies are the model's small float tensors only."""
+    84 MB of RSS for nothing). The copies are the model's float tensors only (a float
+    embedding is most of SmolLM2's int4 size), made chunk by chunk so the file's pages and
+    the copy are never both resident in full."""
     from torchq.formats import TorchqTensor
+    from torchq.memory import copy_out_of_file
 
     params = list(model.named_parameters())
     if not any(isinstance(p, TorchqTensor) for _, p in params):
@@ -87,7 +90,7 @@ def _release_file_mapping(model: nn.Module) -> None:
     with torch.no_grad():
         for _, p in params:
             if not isinstance(p, TorchqTensor):
-                p.data = p.data.clone()
+                p.data = copy_out_of_file(p.data)
 
 
 def _load_legacy(path, dtype, **kw):
