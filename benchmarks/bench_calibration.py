@@ -30,10 +30,12 @@ import torch
 #: method name -> factory(base config) -> config (None: the base itself, round to nearest)
 METHODS = {
     "rtn": lambda base: base,
-    "gptq": lambda base: __import__("torchq").GPTQ(base),
-    "gptq_act": lambda base: __import__("torchq").GPTQ(base, act_order=True),
-    "gptq_mse": lambda base: __import__("torchq").GPTQ(base, mse_clip=True),
-    "gptq_act_mse": lambda base: __import__("torchq").GPTQ(base, act_order=True, mse_clip=True),
+    "gptq": lambda base: __import__("torchq").GPTQ(base),  # version 2 defaults: act-order, static groups, MSE clip
+    "gptq_v1": lambda base: __import__("torchq").GPTQ(base, act_order=False, mse_clip=False, static_groups=False),
+    "gptq_mse": lambda base: __import__("torchq").GPTQ(base, act_order=False, mse_clip=True, static_groups=False),
+    "gptq_act": lambda base: __import__("torchq").GPTQ(base, act_order=True, mse_clip=False, static_groups=False),
+    "gptq_act_mse": lambda base: __import__("torchq").GPTQ(base, act_order=True, mse_clip=True, static_groups=False),
+    "gptq_static": lambda base: __import__("torchq").GPTQ(base, act_order=True, mse_clip=False, static_groups=True),
     "hqq": lambda base: __import__("torchq").HQQ(base),
     "awq": lambda base: __import__("torchq").AWQ(base),
     "awq_gptq": lambda base: __import__("torchq").AWQ(__import__("torchq").GPTQ(base)),

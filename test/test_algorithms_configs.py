@@ -34,7 +34,22 @@ ALGOS = [
 def test_json_round_trip(cfg):
     assert config_from_json(cfg.to_json()) == cfg
     assert config_from_dict(cfg.to_dict()) == cfg
-    assert cfg.to_dict()["version"] == 1 and isinstance(cfg.to_dict()["base"], dict)
+    assert cfg.to_dict()["version"] == type(cfg).current_version and isinstance(cfg.to_dict()["base"], dict)
+
+
+def test_gptq_version_1_dicts_keep_their_meaning():
+    """Version 2 changed GPTQ's defaults (act-order with static groups, MSE clipping): a
+    version 1 dict (a recorded recipe) is read with the version 1 defaults."""
+    v1 = {"type": "gptq", "version": 1, "base": INT4.to_dict(), "damp": 0.01, "block_size": 128,
+          "act_order": True, "mse_clip": False, "true_sequential": True}
+    cfg = config_from_dict(v1)
+    assert cfg.version == 2 and cfg.act_order and not cfg.mse_clip and not cfg.static_groups  # act-order via perm
+    assert not config_from_dict({"type": "gptq", "version": 1, "base": INT4.to_dict()}).act_order
+    now = torchq.GPTQ(INT4)
+    assert (now.act_order, now.static_groups, now.mse_clip) == (True, True, True)
+    assert config_from_dict(now.to_dict()) == now
+    with pytest.raises(ValueError, match="version 3"):
+        torchq.GPTQ(INT4, version=3)
 
 
 def test_autoround_light_preset():

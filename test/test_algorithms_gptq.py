@@ -61,20 +61,22 @@ def test_gptq_output_error_not_above_round_to_nearest(base, act_order):
     n=st.integers(1, 40),
     group=st.sampled_from([32, 64, 128]),
     act_order=st.booleans(),
+    static=st.booleans(),
     seed=st.integers(0, 100),
 )
-def test_gptq_shapes_and_groups(k, n, group, act_order, seed):
-    rtn, gptq, layer = _layer_error(torchq.GPTQ(torchq.int4_weight_only(group_size=group), act_order=act_order), k=k, n=n, seed=seed, rows=32)
+def test_gptq_shapes_and_groups(k, n, group, act_order, static, seed):
+    cfg = torchq.GPTQ(torchq.int4_weight_only(group_size=group), act_order=act_order, static_groups=static)
+    rtn, gptq, layer = _layer_error(cfg, k=k, n=n, seed=seed, rows=32)
     assert gptq <= rtn * 1.0001 + 1e-9
     w = layer.weight
     assert w.shape == (n, k)
-    assert (w.perm is not None) == (act_order and k % group == 0)
+    assert (w.perm is not None) == (act_order and not static and k % group == 0)
     x = torch.randn(5, k)
     torch.testing.assert_close(F.linear(x, w), F.linear(x, w.dequantize()), rtol=1e-4, atol=1e-4)
 
 
 def test_act_order_reloads_bit_exact_and_matches_dequantized_linear():
-    rtn, gptq, layer = _layer_error(torchq.GPTQ(torchq.int4_weight_only(group_size=32), act_order=True), k=128)
+    rtn, gptq, layer = _layer_error(torchq.GPTQ(torchq.int4_weight_only(group_size=32), act_order=True, static_groups=False), k=128)
     w = layer.weight
     assert w.perm is not None and sorted(w.perm.tolist()) == list(range(128))
     assert not torch.equal(w.perm, torch.arange(128))
@@ -93,8 +95,44 @@ def test_act_order_reloads_bit_exact_and_matches_dequantized_linear():
 
 
 def test_act_order_off_where_it_cannot_be_stored():
-    _, _, layer = _layer_error(torchq.GPTQ(torchq.int4_weight_only(group_size=64), act_order=True), k=96)
+    _, _, layer = _layer_error(torchq.GPTQ(torchq.int4_weight_only(group_size=64), act_order=True, static_groups=False), k=96)
     assert layer.weight.perm is None  # K=96 padded to 128: perm needs whole groups
+
+
+@pytest.mark.parametrize(
+    "base, k",
+    [(torchq.int4_weight_only(group_size=32), 128), (torchq.int4_weight_only(group_size=64), 96),
+     (torchq.nf4_weight_only(block_size=32), 128), (torchq.int8_dynamic_activation_int4_weight(group_size=32), 128)],
+    ids=["int4-g32", "int4-g64-padded", "nf4", "w4a8"],
+)
+def test_static_groups_act_order_needs_no_perm(base, k):
+    """Act-order with static groups: no stored perm (so codebook bases and padded K get it
+    too), clearly better than round-to-nearest, and at least as good as without act-order."""
+    rtn, static, layer = _layer_error(torchq.GPTQ(base, act_order=True, static_groups=True), k=k)
+    _, plain, _ = _layer_error(torchq.GPTQ(base), k=k)
+    assert getattr(layer.weight, "perm", None) is None
+    assert static < 0.7 * rtn and static <= 1.05 * plain, (static, plain, rtn)
+    if base.type_name != "w4a8":  # (W4A8 also rounds the activations)
+        x = torch.randn(5, k)
+        torch.testing.assert_close(F.linear(x, layer.weight), F.linear(x, layer.weight.dequantize()), rtol=1e-4, atol=1e-4)
+
+
+def test_static_groups_fit_every_group_from_the_unrounded_weight():
+    base = torchq.int4_weight_only(group_size=32)
+    w = torch.randn(24, 96)
+    calib, _ = correlated_inputs(k=96, seed=3, rows=64)
+    x = torch.cat(calib)
+    h = x.T @ x / len(x)
+    grid = grid_for(base, w.shape)
+    s_fit, z_fit = grid.fit(grid.blocked(w))
+    for act_order in (False, True):
+        codes, s, z, perm = gptq_quantize(w, h, grid, act_order=act_order, static_groups=True)
+        assert perm is None and torch.equal(s, s_fit) and torch.equal(z, z_fit)
+        # rounding with error feedback, in the original column order: not plain rounding
+        assert not torch.equal(codes, grid.quantize(grid.blocked(w), s_fit, z_fit).reshape(24, 96))
+    wq = grid.rtn(w)  # a weight on its grid rounds to itself in any column order
+    codes, s, z, _ = gptq_quantize(wq, h, grid, act_order=True, static_groups=True)
+    torch.testing.assert_close(grid.dequantize(grid.blocked(codes), s, z).reshape(24, 96), wq, rtol=0, atol=1e-5)
 
 
 def test_gptq_on_a_weight_equal_to_its_grid_is_exact():

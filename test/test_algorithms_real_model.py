@@ -3,7 +3,8 @@ round-to-nearest with the same storage config on held-out text (KL; GPTQ and AWQ
 perplexity, closing a stated part of the gap), and the calibrated model reloads bit-exact.
 
 Measured here (4 windows, 8 x 128 calibration tokens, int4 g64, float 16.166, RTN 21.752,
-RTN KL 0.397): GPTQ 20.10 (30 % of the gap, KL 0.19; one-pass Hessians), AWQ 18.10 (65 %,
+RTN KL 0.397): GPTQ 17.55 (75 % of the gap, KL 0.14; version 2 defaults: act-order with
+static groups and MSE clipping; version 1's measured 20.10, 30 %), AWQ 18.10 (65 %,
 KL 0.15; n_grid=20), HQQ 20.43 (24 %, KL 0.355; the p=0.7 half-quadratic iteration was
 21.85, -2 %), AutoRound (10 steps over all 8 items, lr 0.02) 18.14 (65 %, KL 0.129).
 NF4 + GPTQ and SmoothQuant W8A8 (alpha 0.5 and "auto") against their own round-to-nearest: see
@@ -59,7 +60,7 @@ def smol():
 @pytest.mark.parametrize(
     "cfg,min_gap_closed",
     [
-        (torchq.GPTQ(INT4_G64), 0.2),
+        (torchq.GPTQ(INT4_G64), 0.5),  # measured 75 %
         (torchq.AWQ(INT4_G64, n_grid=10), 0.3),
         (torchq.HQQ(INT4_G64), 0.15),  # p=3 search; the paper's p=0.7 iteration measured -2 % here
         # every item in every step (batch 8 of 8): measured 18.14, 65 % (KL 0.129), ~2 min at 1 thread;

@@ -58,7 +58,7 @@ def main() -> None:
         "int4 round-to-nearest": int4,
         "int4 HQQ (no data)": torchq.HQQ(int4),
         "int4 GPTQ": torchq.GPTQ(int4),
-        "int4 GPTQ act-order": torchq.GPTQ(int4, act_order=True),
+        "int4 GPTQ act-order perm": torchq.GPTQ(int4, static_groups=False),
         "int4 AWQ": torchq.AWQ(int4),
         "int4 AWQ + GPTQ": torchq.AWQ(torchq.GPTQ(int4)),
         "int4 AutoRound (20 it)": torchq.AutoRound(int4, iters=20, batch_size=4),

@@ -7,9 +7,14 @@ rounding error onto the columns not yet rounded, weighted by the inverse Hessian
 * columns in blocks of ``block_size`` with lazy batch updates of the columns after a block;
 * group parameters fitted when the first column of a group is reached (from the
   error-updated weights), optionally by an MSE search over range shrink factors;
-* act-order: columns by decreasing ``diag H``, stored through the tensor's ``perm`` so
-  groups are contiguous in the permuted order (affine bases with K a multiple of the
-  group size; elsewhere it is turned off and the report says so);
+* act-order: columns by decreasing ``diag H``;
+* static groups (the default with act-order): every group's parameters are fitted up front
+  from the unrounded weight in the original column order, then columns are rounded in
+  act-order, each with its own group's parameters. Nothing is permuted in the result: any
+  base (codebook, padded K), every export format, the plain kernels;
+* without static groups, act-order is stored through the tensor's ``perm`` so groups are
+  contiguous in the permuted order (affine bases with K a multiple of the group size;
+  elsewhere it is turned off and the report says so);
 * codebook bases (NF4 / FP4) round each column to the nearest table value x block scale.
 """
 
@@ -72,11 +77,13 @@ def gptq_quantize(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    static_groups: bool = False,
     mse_clip: bool = False,
     name: str = "",
 ):
     """GPTQ-round ``weight`` ``(N, K)`` (already multiplied by any act_scale) given its
-    input Hessian ``h`` ``(K, K)``. Returns ``(codes, scale, zero, perm)`` in stored order."""
+    input Hessian ``h`` ``(K, K)``. Returns ``(codes, scale, zero, perm)`` in stored order
+    (``perm`` is None unless act-order without static groups)."""
     w = grid.pad(weight.detach().float()).clone()
     n, kp = w.shape
     k = weight.shape[1]
@@ -84,15 +91,23 @@ def gptq_quantize(
     hp[:k, :k] = h.float()
     dead = torch.diag(hp) == 0
     hp[dead, dead] = 1.0
-    perm = None
-    if act_order:
-        perm = torch.argsort(torch.diag(hp)[:k], descending=True, stable=True)
-        w, hp = w[:, perm], hp[perm][:, perm]
-    u = _inverse_cholesky(hp, damp, name)
     g = grid.group
     codes = torch.zeros(n, kp)
     scale = torch.zeros(n, kp // g)
     zero = None
+    group_of = None  # static groups: column (in processing order) -> its group
+    if static_groups:
+        scale, zero = fit_mse(grid, grid.blocked(w)) if mse_clip else grid.fit(grid.blocked(w))
+        group_of = torch.arange(kp) // g
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(hp)[:k], descending=True, stable=True)
+        if static_groups:  # padding columns (no inputs) last, so the order covers all of kp
+            perm = torch.cat([perm, torch.arange(k, kp)])
+            group_of = group_of[perm]
+        w, hp = w[:, perm], hp[perm][:, perm]
+    group_of = None if group_of is None else group_of.tolist()
+    u = _inverse_cholesky(hp, damp, name)
     for i1 in range(0, kp, block_size):
         i2 = min(i1 + block_size, kp)
         w1 = w[:, i1:i2].clone()
@@ -100,7 +115,10 @@ def gptq_quantize(
         u1 = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if col % g == 0:
+            if group_of is not None:
+                grp = group_of[col]
+                cur_s, cur_z = scale[:, grp : grp + 1], None if zero is None else zero[:, grp : grp + 1]
+            elif col % g == 0:
                 gw = torch.cat([w1[:, i:], w[:, i2 : col + g]], dim=1)[:, :g] if col + g > i2 else w1[:, i : i + g]
                 gb = gw.reshape(n, 1, -1)
                 s, z = fit_mse(grid, gb) if mse_clip else grid.fit(gb)
@@ -118,6 +136,9 @@ def gptq_quantize(
             w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
             err1[:, i] = e
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    if static_groups and perm is not None:  # back to the original column order
+        codes = torch.empty_like(codes).index_copy_(1, perm, codes)
+        perm = None
     return codes, scale, zero, perm
 
 
@@ -151,15 +172,15 @@ def _gptq_stage(block, names, config, act_scales):
         grid = grid_for(base, w.shape)
         notes = [grid.note] if grid.note else []
         act_order = config.act_order
-        if act_order and (not grid.supports_input_transform or grid.padded != grid.k):
+        if act_order and not config.static_groups and (not grid.supports_input_transform or grid.padded != grid.k):
             act_order = False
             notes.append("act_order off (" + ("codebook weight" if not grid.supports_input_transform else "K padded") + ")")
         with torch.no_grad():
             codes, s, z, perm = gptq_quantize(
                 w, hs[name], grid, damp=config.damp, block_size=config.block_size, act_order=act_order,
-                mse_clip=config.mse_clip, name=block.full_name(name),
+                static_groups=config.static_groups, mse_clip=config.mse_clip, name=block.full_name(name),
             )
             t = grid.build(codes, s, z, lin.weight.dtype, act_scale=a, perm=perm)
-        notes.append("gptq" + (" act_order" if perm is not None else ""))
+        notes.append("gptq" + (" act_order" if act_order else "") + (" static_groups" if config.static_groups else ""))
         out[name] = (t, "; ".join(notes))
     return out

@@ -12,7 +12,7 @@ __all__ = ["ALGORITHM_NAMES", "with_algorithm"]
 ALGORITHM_NAMES: dict[str, Callable[[QuantConfig], QuantConfig]] = {
     "rtn": lambda base: base,
     "gptq": GPTQ,
-    "gptq-act-order": lambda base: GPTQ(base, act_order=True),
+    "gptq-act-order": lambda base: GPTQ(base, static_groups=False),  # act-order through a stored perm
     "awq": AWQ,
     "awq+gptq": lambda base: AWQ(GPTQ(base)),
     "hqq": HQQ,

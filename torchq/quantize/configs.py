@@ -51,6 +51,12 @@ class QuantConfig:
     type_name: ClassVar[str] = "base"
     version: int = 1
 
+    @classmethod
+    def upgrade(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """A dict written by an older version of this config, as the current version's fields
+        with the same meaning (identity until a config changes a default or a field's meaning)."""
+        return d
+
     def to_dict(self) -> dict[str, Any]:
         d = {"type": self.type_name}
         d.update(dataclasses.asdict(self))
@@ -73,6 +79,7 @@ def config_from_dict(d: dict[str, Any]) -> QuantConfig:
     if name not in _CONFIGS:
         raise ValueError(f"unknown torchq config type {name!r}; known: {sorted(_CONFIGS)}")
     cls = _CONFIGS[name]
+    d = cls.upgrade(d)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - known
     if unknown:
