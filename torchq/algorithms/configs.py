@@ -5,7 +5,7 @@
 are ordinary versioned :class:`~torchq.quantize.configs.QuantConfig` s: registered, frozen, and
 JSON round-tripping with the base config nested as its own dict::
 
-    {"type": "gptq", "version": 1, "base": {"type": "int4_weight_only", ...}, "damp": 0.01, ...}
+    {"type": "gptq", "version": 2, "base": {"type": "int4_weight_only", ...}, "damp": 0.01, ...}
 
 Which bases each algorithm accepts is the table :data:`VALID_BASES`; any other combination
 raises naming the valid ones. AWQ and SmoothQuant may also wrap a rounding algorithm
