@@ -56,6 +56,36 @@ def base_config(scheme: str, group_size: int):
     }[scheme]()
 
 
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class RSSWatch:
+    """Samples the process's resident size every 10 ms while the block runs: ``increase_mb``
+    is its peak above the size at entry (calibration's own memory, apart from the float
+    model and the evaluation's reference log-probabilities already resident)."""
+
+    def __enter__(self):
+        import threading
+
+        self.start_mb = self.peak_mb = _rss_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.01):
+            self.peak_mb = max(self.peak_mb, _rss_mb())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, _rss_mb())
+        self.increase_mb = self.peak_mb - self.start_mb
+
+
 def run_one(args) -> dict:
     import torchq
     from torchq.apps import eval as teval
@@ -64,12 +94,17 @@ def run_one(args) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.paused_memory_fraction is not None:
+        from torchq.algorithms import paused_pass
+
+        paused_pass.MEMORY_FRACTION = args.paused_memory_fraction
     f = GGUFFile(smollm2_gguf_path())
     tok = f.tokenizer()
     model, _ = f.model(keep_quantized=False)
     windows = teval.token_windows(tok, teval.default_text(), 256, args.windows)
     ref = teval.ReferenceLogProbs(model, windows, batch_size=8, progress=False)
-    row = {"method": args.one, "scheme": args.scheme, "group_size": args.group_size}
+    row = {"method": args.one, "scheme": args.scheme, "group_size": args.group_size,
+           "float_model_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20}
     if args.one == "rtn_free":  # the algorithms' own rounding grid (free integer zero point), no algorithm
         from torchq.algorithms.grid import grid_for
 
@@ -88,8 +123,10 @@ def run_one(args) -> dict:
             cfg = dataclasses.replace(cfg, iters=args.autoround_iters)
         calib = torchq.calibration_data(tok, n_samples=args.calib_samples, seq_len=args.seq_len)
         t0 = time.perf_counter()
-        torchq.quantize_(model, cfg, filter_fn=lambda m, n: n != "lm_head", calibration=calib)
+        with RSSWatch() as watch:
+            torchq.quantize_(model, cfg, filter_fn=lambda m, n: n != "lm_head", calibration=calib)
         row["seconds"] = time.perf_counter() - t0
+        row["calibration_rss_mb"] = watch.increase_mb
         row["config"] = cfg.to_dict()
     res = teval.evaluate(model, windows, ref, batch_size=8, progress=False)
     row.update(perplexity=res.perplexity, kl=res.kl, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -132,14 +169,19 @@ def _autoround_peer(model, tok, args, row):
 def table(rows: list[dict]) -> str:
     flt = next((r["perplexity"] for r in rows if r["method"] == "float"), None)
     rtn = next((r["perplexity"] for r in rows if r["method"] == "rtn"), None)
-    lines = ["| method | perplexity | KL vs float | gap closed | calibration time | peak RSS |", "|---|---|---|---|---|---|"]
+    model_mb = rows[0].get("float_model_mb", 0) if rows else 0
+    lines = [
+        f"| method | perplexity | KL vs float | gap closed | calibration time | peak RSS | calibration's own RSS (float model {model_mb:.0f} MB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         gap = ""
         if flt is not None and rtn is not None and r["method"] not in ("float", "rtn") and rtn != flt:
             gap = f"{100 * (rtn - r['perplexity']) / (rtn - flt):.0f} %"
         secs = f"{r['seconds']:.0f} s" if "seconds" in r else ""
         kl = f"{r['kl']:.4f}" if r.get("kl") is not None else ""
-        lines.append(f"| {r['method']} | {r['perplexity']:.2f} | {kl} | {gap} | {secs} | {r['peak_rss_mb']:.0f} MB |")
+        own = f"+{r['calibration_rss_mb']:.0f} MB" if "calibration_rss_mb" in r else ""
+        lines.append(f"| {r['method']} | {r['perplexity']:.2f} | {kl} | {gap} | {secs} | {r['peak_rss_mb']:.0f} MB | {own} |")
     return "\n".join(lines)
 
 
@@ -153,6 +195,8 @@ def main(argv=None) -> int:
     p.add_argument("--windows", type=int, default=24)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--autoround-iters", type=int, default=None, help="AutoRound iterations (ours and the peer's; default: the config's)")
+    p.add_argument("--paused-memory-fraction", type=float, default=None,
+                   help="torchq.algorithms.paused_pass.MEMORY_FRACTION (0: every stage re-runs the layer, the lowest peak)")
     p.add_argument("--json", default=None, help="also write the rows here")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -261,20 +261,19 @@ def test_true_sequential_stages_and_hessians_from_rounded_outputs():
     ]
     h_float = hessians(block, ["self_attn.o_proj"])["self_attn.o_proj"]
     seen = {}
-    real = gptq_mod.hessians
+    real = gptq_mod._round_stage
 
-    def spy(block, names, act_scales=None):
-        out = real(block, names, act_scales)
-        seen.update(out)
-        return out
+    def spy(block, names, config, act_scales, hs):
+        seen.update(hs)
+        return real(block, names, config, act_scales, hs)
 
     base = torchq.int4_weight_only(group_size=32)
-    gptq_mod.hessians = spy
+    gptq_mod._round_stage = spy
     try:
         staged = __import__("copy").deepcopy(model)
         torchq.quantize_(staged, torchq.GPTQ(base), calibration=calib, filter_fn=lambda m, n: n != "lm_head")
     finally:
-        gptq_mod.hessians = real
+        gptq_mod._round_stage = real
     assert not torch.allclose(seen["self_attn.o_proj"], h_float)
     one_pass = __import__("copy").deepcopy(model)
     torchq.quantize_(one_pass, torchq.GPTQ(base, true_sequential=False), calibration=calib, filter_fn=lambda m, n: n != "lm_head")
@@ -284,3 +283,52 @@ def test_true_sequential_stages_and_hessians_from_rounded_outputs():
         assert err(staged) <= 1.1 * err(one_pass), (err(staged), err(one_pass))
     with pytest.raises(ValueError, match="true_sequential"):
         torchq.GPTQ(base, true_sequential=1)
+
+
+@pytest.mark.parametrize("k", [7, 256, 300, 576])
+def test_hessian_sum_is_the_exact_symmetric_mean_of_x_xt(k):
+    """Only the upper triangle is computed (in bands); the mean is mirrored from it."""
+    from torchq.algorithms.stats import HessianSum
+
+    acc, want, tokens = HessianSum(), torch.zeros(k, k, dtype=torch.float64), 0
+    for rows in (5, 33):
+        x = torch.randn(rows, k)
+        acc.add(x)
+        want += x.double().T @ x.double()
+        tokens += rows
+    h = acc.mean()
+    assert torch.equal(h, h.T)
+    torch.testing.assert_close(h.double(), want / tokens, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"act_order": True, "static_groups": True, "mse_clip": True}, {"act_order": True}])
+def test_linears_sharing_a_hessian_are_rounded_as_one_stacked_weight_with_the_same_result(kwargs):
+    """q/k/v (and gate/up) share their Hessian; GPTQ on their stacked rows gives each the
+    codes and parameters it gets alone."""
+    base = torchq.int4_weight_only(group_size=32)
+    calib, _ = correlated_inputs(k=96, seed=5, rows=64)
+    x = torch.cat(calib)
+    h = x.T @ x / len(x)
+    ws = [torch.randn(40, 96), torch.randn(16, 96), torch.randn(16, 96)]
+    codes, s, z, perm = gptq_quantize(torch.cat(ws), h, grid_for(base, (72, 96)), **kwargs)
+    row = 0
+    for w in ws:
+        c1, s1, z1, p1 = gptq_quantize(w, h, grid_for(base, w.shape), **kwargs)
+        rows = slice(row, row + w.shape[0])
+        row += w.shape[0]
+        assert torch.equal(c1, codes[rows]) and torch.equal(s1, s[rows]) and torch.equal(z1, z[rows])
+        assert (p1 is None and perm is None) or torch.equal(p1, perm)
+
+
+def test_stacked_linears_with_a_stored_perm_each_own_their_perm():
+    """Act-order through ``perm``: q/k/v get equal perms in separate storage (a state_dict
+    with shared storage cannot be saved as safetensors)."""
+    from algorithms_fixtures import tiny_llama
+
+    model, calib, _ = tiny_llama(layers=1)
+    torchq.quantize_(model, torchq.GPTQ(torchq.int4_weight_only(group_size=32), static_groups=False), calibration=calib,
+                     filter_fn=lambda m, n: n != "lm_head")
+    attn = model.model.layers[0].self_attn
+    perms = [attn.q_proj.weight.perm, attn.k_proj.weight.perm, attn.v_proj.weight.perm]
+    assert all(torch.equal(p, perms[0]) for p in perms)
+    assert len({p.untyped_storage().data_ptr() for p in perms}) == 3

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["release_free_memory", "release_file_pages", "copy_out_of_file"]
+__all__ = ["available_memory", "release_free_memory", "release_file_pages", "copy_out_of_file"]
 
 _MADV_DONTNEED = 4
 
@@ -34,6 +34,18 @@ def _libc() -> Optional[ctypes.CDLL]:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     except OSError:
         return None
+
+
+def available_memory() -> Optional[int]:
+    """Bytes of memory the OS can give this process now (Linux ``MemAvailable``), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def release_free_memory() -> None:

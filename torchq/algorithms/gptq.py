@@ -28,7 +28,8 @@ import torch
 from torchq.algorithms.grid import Grid, grid_for
 from torchq.algorithms.configs import storage_config
 from torchq.algorithms.registry import register_algorithm
-from torchq.algorithms.stats import hessians, input_stages
+from torchq.algorithms.paused_pass import PausedPass
+from torchq.algorithms.stats import hessians, input_stages, stage_hessians
 
 __all__ = ["gptq_quantize", "fit_mse"]
 
@@ -133,7 +134,7 @@ def gptq_quantize(
             dq = grid.dequantize(q, cur_s, cur_z).reshape(n)
             codes[:, col] = q.reshape(n)
             e = (w1[:, i] - dq) / u1[i, i]
-            w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
+            w1[:, i:].addr_(e, u1[i, i:], alpha=-1.0)
             err1[:, i] = e
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
     if static_groups and perm is not None:  # back to the original column order
@@ -148,39 +149,70 @@ def _process(block, names, config, act_scales):
 
     Sequential within the block too (``config.true_sequential``): the linears reading one
     input (q/k/v) are rounded first and set in place, so the Hessians of the next ones (o)
-    come from the outputs of the rounded ones, as the rounded model will compute them."""
-    stages = input_stages(block, names) if config.true_sequential else [list(names)]
+    come from the outputs of the rounded ones, as the rounded model will compute them. In
+    a decoder layer this is one :class:`PausedPass` (the layer computed once, its outputs
+    kept for the next layer); elsewhere (a module may call a linear twice) each stage
+    re-runs the module."""
+    if not config.true_sequential:
+        return _round_stage(block, list(names), config, act_scales, hessians(block, names, act_scales))
+    stages = input_stages(block, names)
     out = {}
-    for stage in stages:
-        done = _gptq_stage(block, stage, config, act_scales)
-        for name, (t, _) in done.items():
-            block.linears[name].weight = torch.nn.Parameter(t, requires_grad=False)
-        out.update(done)
+    if not block.sequential:
+        for stage in stages:
+            out.update(_set(block, _round_stage(block, stage, config, act_scales, hessians(block, stage, act_scales))))
+        return out
+    with PausedPass(block, stages, workers=block.meta.get("workers")) as paused:
+        for j, stage in enumerate(stages):
+            add, result = stage_hessians(stage, act_scales)
+            paused.gather(j, add)
+            out.update(_set(block, _round_stage(block, stage, config, act_scales, result())))
+        block.outputs = paused.finish()
     return out
 
 
-def _gptq_stage(block, names, config, act_scales):
+def _set(block, done: dict) -> dict:
+    for name, (t, _) in done.items():
+        block.linears[name].weight = torch.nn.Parameter(t, requires_grad=False)
+    return done
+
+
+def _round_stage(block, names, config, act_scales, hs):
+    """GPTQ-round ``names`` from their Hessians ``hs``. Linears that share one Hessian tensor
+    (q/k/v, gate/up) are rounded as one weight with their rows stacked: GPTQ treats rows
+    independently, so the rounding is the same, in one column loop instead of three."""
     base = storage_config(config)
-    hs = hessians(block, names, act_scales)
     out = {}
-    for name in names:
-        lin = block.linears[name]
-        a = act_scales.get(name)
-        w = lin.weight.detach().float()
-        if a is not None:
-            w = w * a
-        grid = grid_for(base, w.shape)
-        notes = [grid.note] if grid.note else []
-        act_order = config.act_order
+    for group in _by_hessian(names, hs):
+        weights = []
+        for name in group:
+            a = act_scales.get(name)
+            weights.append(block.linears[name].weight.detach().float() * (a if a is not None else 1.0))
+        stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
+        grid = grid_for(base, stacked.shape)
+        act_order, notes = config.act_order, []
         if act_order and not config.static_groups and (not grid.supports_input_transform or grid.padded != grid.k):
             act_order = False
             notes.append("act_order off (" + ("codebook weight" if not grid.supports_input_transform else "K padded") + ")")
+        notes.append("gptq" + (" act_order" if act_order else "") + (" static_groups" if config.static_groups else ""))
         with torch.no_grad():
             codes, s, z, perm = gptq_quantize(
-                w, hs[name], grid, damp=config.damp, block_size=config.block_size, act_order=act_order,
-                static_groups=config.static_groups, mse_clip=config.mse_clip, name=block.full_name(name),
+                stacked, hs[group[0]], grid, damp=config.damp, block_size=config.block_size, act_order=act_order,
+                static_groups=config.static_groups, mse_clip=config.mse_clip, name=block.full_name(",".join(group)),
             )
-            t = grid.build(codes, s, z, lin.weight.dtype, act_scale=a, perm=perm)
-        notes.append("gptq" + (" act_order" if act_order else "") + (" static_groups" if config.static_groups else ""))
-        out[name] = (t, "; ".join(notes))
+            row = 0
+            for name, w in zip(group, weights):
+                rows = slice(row, row + w.shape[0])
+                row += w.shape[0]
+                own = grid_for(base, w.shape)
+                t = own.build(codes[rows], s[rows], None if z is None else z[rows], block.linears[name].weight.dtype,
+                              act_scale=act_scales.get(name), perm=None if perm is None else perm.clone())  # own storage each
+                out[name] = (t, "; ".join(([own.note] if own.note else []) + notes))
     return out
+
+
+def _by_hessian(names, hs) -> list[list[str]]:
+    """``names`` grouped by the Hessian tensor they share (in order)."""
+    groups: dict[int, list[str]] = {}
+    for name in names:
+        groups.setdefault(id(hs[name]), []).append(name)
+    return list(groups.values())

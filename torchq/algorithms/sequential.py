@@ -33,6 +33,7 @@ from torch import nn
 from torchq.quantize.configs import QuantConfig
 from torchq.algorithms.configs import AlgorithmConfig, storage_config
 from torchq.algorithms.data import as_model_inputs, check_calibration
+from torchq.algorithms.paused_pass import Workers
 from torchq.algorithms.registry import get_algorithm
 
 __all__ = ["Block", "calibrate", "decoder_layers", "capture_layer_inputs", "process_block"]
@@ -58,6 +59,7 @@ class Block:
     prefix: str = ""
     sequential: bool = True  # outputs feed a next block (decoder layers)
     meta: dict = field(default_factory=dict)
+    outputs: Optional[list] = None  # set by an algorithm whose last pass computed them (rounded weights)
 
     def full_name(self, local: str) -> str:
         return f"{self.prefix}.{local}" if self.prefix else local
@@ -162,6 +164,7 @@ def process_block(block: Block, configs: Mapping[str, AlgorithmConfig]) -> dict[
     for local in block.linears:
         by_config.setdefault(configs[block.full_name(local)], []).append(local)
     for cfg, names in by_config.items():
+        block.outputs = None  # outputs computed before this group's rounding are stale
         results.update(get_algorithm(cfg)(block, names, cfg, {}))
     for local, (qweight, _) in results.items():
         block.linears[local].weight = nn.Parameter(qweight, requires_grad=False)
@@ -224,23 +227,25 @@ def calibrate(
     inputs = capture_layer_inputs(model, layers[0], items)
     # the float model's stream too, where an algorithm compares with it (AutoRound target="float")
     float_inputs = inputs if any(_wants_float_targets(c) for c in targets.values()) else None
-    for i, layer in _progress(enumerate(layers), len(layers), "torchq calibration"):
-        lp = f"{prefix}.{i}"
-        linears = {n: m for n, m in layer.named_modules() if f"{lp}.{n}" in targets}
-        meta = {"model": model, "index": i}
-        if float_inputs is not None:  # this layer's float outputs, before it is rounded
-            meta["float_targets"] = Block(layer, float_inputs, {}, lp).run()
-        block = Block(layer, inputs, linears, lp, meta=meta)
-        if linears:
-            record(block, process_block(block, targets))
-        if i + 1 < len(layers):
-            outs = block.run()
-            inputs = [((out,) + tuple(args[1:]), kwargs) for out, (args, kwargs) in zip(outs, inputs)]
-            if float_inputs is not None:
-                float_inputs = [
-                    ((out,) + tuple(args[1:]), kwargs) for out, (args, kwargs) in zip(meta["float_targets"], float_inputs)
-                ]
-        logger.debug("torchq: calibrated %s", lp)
+    with Workers() as workers:  # threads for algorithms' paused passes, kept across the layers
+        for i, layer in _progress(enumerate(layers), len(layers), "torchq calibration"):
+            lp = f"{prefix}.{i}"
+            linears = {n: m for n, m in layer.named_modules() if f"{lp}.{n}" in targets}
+            meta = {"model": model, "index": i, "workers": workers}
+            if float_inputs is not None:  # this layer's float outputs, before it is rounded
+                meta["float_targets"] = Block(layer, float_inputs, {}, lp).run()
+            block = Block(layer, inputs, linears, lp, meta=meta)
+            if linears:
+                record(block, process_block(block, targets))
+            if i + 1 < len(layers):
+                outs = block.outputs if block.outputs is not None else block.run()
+                block.outputs = None
+                inputs = [((out,) + tuple(args[1:]), kwargs) for out, (args, kwargs) in zip(outs, inputs)]
+                if float_inputs is not None:
+                    float_inputs = [
+                        ((out,) + tuple(args[1:]), kwargs) for out, (args, kwargs) in zip(meta["float_targets"], float_inputs)
+                    ]
+            logger.debug("torchq: calibrated %s", lp)
     del inputs, float_inputs
     substitutes = {n: storage_config(c) for n, c in targets.items() if n not in reports}
     for name in substitutes:

@@ -10,7 +10,7 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["hessians", "input_stats", "input_stages"]
+__all__ = ["HessianSum", "hessians", "input_stats", "input_stages", "stage_hessians"]
 
 
 class _Shared:
@@ -71,45 +71,78 @@ def input_stages(block, names: list[str]) -> list[list[str]]:
     return order + [[n] for n in names if n not in seen]
 
 
+class HessianSum:
+    """Running ``sum x x^T`` (fp32, K x K) and token count of one linear's inputs.
+
+    Only the upper triangle is computed, a band of ``TRIANGLE_BAND`` rows at a time
+    (about 2/3 of the FLOPs of the full product for K = 1536, the largest cost of GPTQ's
+    statistics); :meth:`mean` mirrors it, so the result is exactly symmetric."""
+
+    TRIANGLE_BAND = 256
+
+    def __init__(self):
+        self.h: Optional[torch.Tensor] = None
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        k, band = x2.shape[-1], self.TRIANGLE_BAND
+        if self.h is None:
+            self.h = torch.zeros(k, k)
+        for i in range(0, k, band):
+            self.h[i : i + band, i:].addmm_(x2[:, i : i + band].t(), x2[:, i:])
+        self.tokens += x2.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        upper = torch.triu(self.h)
+        return (upper + torch.triu(self.h, 1).t()) / max(self.tokens, 1)
+
+
+def stage_hessians(names: list[str], act_scales: Optional[dict] = None):
+    """``(add, result)`` for linears that read one input tensor (a stage): ``add(x)`` per
+    input, ``result()`` the Hessian of each (one ``X^T X`` shared by those without an
+    act_scale; each act_scale'd one from its own divided input)."""
+    act_scales = act_scales or {}
+    shared = HessianSum()
+    own = {n: HessianSum() for n in names if n in act_scales}
+
+    def add(x: torch.Tensor) -> None:
+        if len(own) < len(names):
+            shared.add(x)
+        for n, acc in own.items():
+            acc.add(x.reshape(-1, x.shape[-1]).float() / act_scales[n])
+
+    def result() -> dict[str, torch.Tensor]:
+        return _means({n: own.get(n, shared) for n in names})
+
+    return add, result
+
+
 def hessians(block, names: list[str], act_scales: Optional[dict] = None) -> dict[str, torch.Tensor]:
     """``H = mean over tokens of x x^T`` (fp32, K x K) of each linear's input, ``x`` divided
     by its act_scale where one is given."""
     act_scales = act_scales or {}
-    acc: dict[int, list] = {}
-
-    def update(slot: int, x: torch.Tensor) -> None:
-        a = acc.setdefault(slot, [torch.zeros(x.shape[-1], x.shape[-1]), 0])
-        xf = x.float()
-        a[0].addmm_(xf.t(), xf)
-        a[1] += xf.shape[0]
-
-    shared = _Shared(update)
-    hooks = {}
-    for n in names:
-        if n in act_scales:  # distinct input after division: its own accumulator
-            s = act_scales[n]
-            own: dict = {}
-            hooks[n] = lambda _n, x, _s=s, _own=own: _acc_own(_own, x.reshape(-1, x.shape[-1]).float() / _s)
-            hooks[n].own = own
-        else:
-            hooks[n] = shared
+    acc: dict[int, HessianSum] = {}
+    shared = _Shared(lambda slot, x: acc.setdefault(slot, HessianSum()).add(x))
+    own = {n: HessianSum() for n in names if n in act_scales}
+    hooks = {
+        n: (lambda _n, x, _acc=own[n], _s=act_scales[n]: _acc.add(x.reshape(-1, x.shape[-1]).float() / _s)) if n in own else shared
+        for n in names
+    }
     block.run(hooks, keep=False)
     shared.release()
-    out = {}
-    for n in names:
-        if n in act_scales:
-            h, cnt = hooks[n].own["h"], hooks[n].own["n"]
-        else:
-            h, cnt = acc[shared.key[n]]
-        out[n] = (h / max(cnt, 1)).clone()
-    return out
+    return _means({n: own[n] if n in own else acc[shared.key[n]] for n in names})
 
 
-def _acc_own(own: dict, x: torch.Tensor) -> None:
-    if "h" not in own:
-        own["h"], own["n"] = torch.zeros(x.shape[-1], x.shape[-1]), 0
-    own["h"].addmm_(x.t(), x)
-    own["n"] += x.shape[0]
+def _means(sums: dict[str, HessianSum]) -> dict[str, torch.Tensor]:
+    """Each name's Hessian; names sharing one sum share one tensor (GPTQ stacks their rows)."""
+    done: dict[int, torch.Tensor] = {}
+    for name, acc in sums.items():
+        if acc.h is None:
+            raise ValueError(f"{name}: no calibration input reached this linear; check that the calibration items run it")
+        if id(acc) not in done:
+            done[id(acc)] = acc.mean()
+    return {n: done[id(acc)] for n, acc in sums.items()}
 
 
 def input_stats(block, names: list[str], max_tokens: int = 4096, seed: int = 0) -> dict[str, dict]:

@@ -1,0 +1,180 @@
+"""PausedPass: one pass over a decoder layer, paused at each stage's input, must give the
+numbers of re-running the layer per stage, and must never leave threads or hooks behind."""
+
+import copy
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import torchq
+from torchq.algorithms import gptq as gptq_mod
+from torchq.algorithms import paused_pass
+from torchq.algorithms.paused_pass import PausedPass
+from torchq.algorithms.sequential import Block, capture_layer_inputs
+from torchq.algorithms.stats import hessians, input_stages, stage_hessians
+
+from algorithms_fixtures import tiny_llama
+
+
+def _item_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("torchq-calibration-worker")]
+
+
+def _layer_block(model, calib, sequential=True):
+    layer = model.model.layers[0]
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    return Block(layer, capture_layer_inputs(model, layer, calib), linears, "model.layers.0", sequential=sequential)
+
+
+@pytest.fixture(autouse=True)
+def _every_item_pauses(monkeypatch):
+    monkeypatch.setattr(paused_pass, "MEMORY_FRACTION", 1.0)
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.0])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_through_the_paused_pass_equals_rerunning_the_layer(act_order, fraction, monkeypatch):
+    """Same Hessians, same rounded weights, and the kept outputs are the rounded layer's,
+    whether the items pause (fraction 1) or re-run inside the pass (fraction 0)."""
+    monkeypatch.setattr(paused_pass, "MEMORY_FRACTION", fraction)
+    model, calib, _ = tiny_llama(layers=1)
+    paused_model, rerun_model = copy.deepcopy(model), copy.deepcopy(model)
+    config = torchq.GPTQ(torchq.int4_weight_only(group_size=32), act_order=act_order)
+    paused, rerun = _layer_block(paused_model, calib), _layer_block(rerun_model, calib, sequential=False)
+    names = list(paused.linears)
+    out_paused = gptq_mod._process(paused, names, config, {})
+    out_rerun = gptq_mod._process(rerun, names, config, {})
+    assert paused.outputs is not None and rerun.outputs is None
+    for n in names:
+        assert torch.equal(out_paused[n][0].dequantize(), out_rerun[n][0].dequantize()), n
+    for got, want in zip(paused.outputs, rerun.run()):
+        assert torch.equal(got, want)
+    assert not _item_threads()
+    assert all(not m._forward_pre_hooks for m in paused.linears.values())
+
+
+@pytest.mark.parametrize("paused_items", [None, 2, 0])
+def test_gathered_stage_inputs_are_those_of_the_layer_with_earlier_stages_rounded(paused_items):
+    """Every item paused, the first two (the rest re-run per stage), or none."""
+    model, calib, _ = tiny_llama(layers=1)
+    block = _layer_block(model, calib)
+    stages = input_stages(block, list(block.linears))
+    max_bytes = None if paused_items is None else paused_items * paused_pass.paused_item_bytes(block)
+    with PausedPass(block, stages, max_bytes=max_bytes) as paused:
+        assert paused.n_paused == (len(block.inputs) if paused_items is None else paused_items)
+        for j, stage in enumerate(stages):
+            add, result = stage_hessians(stage)
+            paused.gather(j, add)
+            got = result()
+            want = hessians(block, stage)  # re-running the layer from its start
+            for n in stage:
+                assert torch.equal(got[n], want[n]), n
+            for n in stage:  # "round" the stage: the next stage must see the change
+                block.linears[n].weight.data.mul_(0.5)
+        outs = paused.finish()
+    for got, want in zip(outs, block.run()):
+        assert torch.equal(got, want)
+
+
+class _Chain(nn.Module):
+    """a -> b -> c; b is skipped for inputs whose first value is negative; raises on request."""
+
+    def __init__(self, fail_at=None):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+        self.fail_at = fail_at
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if self.fail_at is not None and float(x[0, 0]) == self.fail_at:
+            raise ValueError("broken item")
+        if x[0, 0] >= 0:
+            h = self.b(h)
+        return self.c(h)
+
+
+def _chain_block(module, firsts):
+    inputs = []
+    for i, first in enumerate(firsts):
+        x = torch.randn(3, 8, generator=torch.Generator().manual_seed(i))
+        x[0, 0] = first
+        inputs.append(((x,), {}))
+    return Block(module, inputs, {"a": module.a, "b": module.b, "c": module.c})
+
+
+@pytest.mark.parametrize("max_bytes", [None, 0])
+def test_an_item_that_skips_a_stage_contributes_to_the_others_only(max_bytes):
+    torch.manual_seed(0)
+    block = _chain_block(_Chain(), [1.0, -1.0, 2.0])
+    seen = {0: [], 1: [], 2: []}
+    with PausedPass(block, [["a"], ["b"], ["c"]], max_bytes=max_bytes) as paused:
+        for j in range(3):
+            paused.gather(j, seen[j].append)
+        outs = paused.finish()
+    assert [len(seen[j]) for j in range(3)] == [3, 2, 3]
+    with torch.inference_mode():
+        for out, (args, _) in zip(outs, block.inputs):
+            assert torch.equal(out, block.module(*args))
+
+
+def test_an_error_in_an_items_forward_reaches_the_caller_and_nothing_is_left_running():
+    block = _chain_block(_Chain(fail_at=7.0), [1.0, 7.0, 2.0])
+    with pytest.raises(ValueError, match="broken item"):
+        with PausedPass(block, [["a"], ["b"], ["c"]]) as paused:
+            paused.gather(0, lambda x: None)
+            paused.gather(1, lambda x: None)
+    assert not _item_threads()
+    assert all(not m._forward_pre_hooks for m in block.linears.values())
+
+
+def test_leaving_early_releases_the_paused_items():
+    block = _chain_block(_Chain(), [1.0, 2.0, 3.0])
+    with pytest.raises(KeyError):
+        with PausedPass(block, [["a"], ["b"], ["c"]]) as paused:
+            paused.gather(0, lambda x: None)
+            raise KeyError("the caller failed while the items were paused")
+    assert not _item_threads()
+    assert all(not m._forward_pre_hooks for m in block.linears.values())
+
+
+def test_stages_out_of_order_are_refused():
+    block = _chain_block(_Chain(), [1.0])
+    with PausedPass(block, [["a"], ["b"], ["c"]]) as paused:
+        with pytest.raises(RuntimeError, match="in order"):
+            paused.gather(1, lambda x: None)
+    # the first item's order ([a], [b], [c]) named in another order: its forward reaches a
+    # stage that was already rounded, which is an error naming the way out
+    block = _chain_block(_Chain(), [1.0])
+    with pytest.raises(RuntimeError, match="true_sequential=False"):
+        with PausedPass(block, [["c"], ["b"], ["a"]]) as paused:
+            for j in range(3):
+                paused.gather(j, lambda x: None)
+            paused.finish()
+    assert not _item_threads()
+
+
+def test_calibration_keeps_one_set_of_workers_for_all_layers_and_closes_it():
+    """The driver's workers serve every layer (a thread's start-up cost is paid once), and
+    none is left when quantize_ returns, also when it fails."""
+    model, calib, _ = tiny_llama(layers=2)
+    started = []
+    real = paused_pass._Worker.start
+
+    def start(self):
+        started.append(self.name)
+        real(self)
+
+    paused_pass._Worker.start = start
+    try:
+        torchq.quantize_(model, torchq.GPTQ(torchq.int4_weight_only(group_size=32)), calibration=calib,
+                         filter_fn=lambda m, n: n != "lm_head")
+    finally:
+        paused_pass._Worker.start = real
+    assert len(started) == len(calib) and not _item_threads()
+    broken, calib, _ = tiny_llama(layers=2)
+    broken.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda m, a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        torchq.quantize_(broken, torchq.GPTQ(torchq.int4_weight_only(group_size=32)), calibration=calib)
+    assert not _item_threads()
