@@ -178,3 +178,37 @@ def test_calibration_keeps_one_set_of_workers_for_all_layers_and_closes_it():
     with pytest.raises(ZeroDivisionError):
         torchq.quantize_(broken, torchq.GPTQ(torchq.int4_weight_only(group_size=32)), calibration=calib)
     assert not _item_threads()
+
+
+class _InterruptsTheCaller(nn.Module):
+    """Its forward (on a worker thread) interrupts the main thread before reaching ``b``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        import _thread
+        import time
+
+        h = self.a(x)
+        _thread.interrupt_main()
+        time.sleep(0.05)  # the caller is interrupted while this item is still running
+        return self.b(h)
+
+
+def test_an_interrupt_while_an_item_runs_does_not_leave_it_waiting():
+    import faulthandler
+
+    module = _InterruptsTheCaller()
+    block = Block(module, [((torch.randn(2, 8),), {}) for _ in range(2)], {"a": module.a, "b": module.b})
+    faulthandler.dump_traceback_later(120, exit=True)  # a hang here would stall the suite
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with PausedPass(block, [["a"], ["b"]]) as paused:
+                paused.gather(0, lambda x: None)
+                paused.gather(1, lambda x: None)
+                paused.finish()
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    assert not _item_threads()

@@ -51,6 +51,8 @@ class _Item:
         self.owner, self.index, self.args, self.kwargs = owner, index, args, kwargs
         self.go = threading.Event()
         self.paused = threading.Event()
+        self.done = threading.Event()
+        self.submitted = False
         self.state = "new"  # "new" (not started), "paused" (at ``stage``), "done"
         self.stage = -1
         self.stage_input: Optional[torch.Tensor] = None
@@ -70,6 +72,7 @@ class _Item:
         finally:
             self.state, self.stage_input = "done", None
             self.paused.set()
+            self.done.set()
 
     def wait_at(self, stage: int, x: torch.Tensor) -> None:
         """Called by the linear's pre-hook on this item's thread: park until resumed."""
@@ -189,11 +192,10 @@ class PausedPass:
 
     def __exit__(self, *exc) -> None:
         self.aborted = True
-        for item in self.items:
-            if item.state == "paused":
-                item.paused.clear()
-                item.go.set()
-                item.paused.wait()
+        for item in self.items:  # (also one still running, e.g. after a KeyboardInterrupt)
+            if item.submitted:
+                item.go.set()  # its current or next pause returns at once and aborts
+                item.done.wait()
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -216,6 +218,7 @@ class PausedPass:
     def _advance(self, item: _Item) -> None:
         item.paused.clear()
         if item.state == "new":
+            item.submitted = True
             self._threads[item.index].submit(item)
         else:
             item.go.set()
