@@ -7,6 +7,9 @@ layer the algorithm sees a :class:`Block` (the layer, its calibration inputs, it
 linears), quantizes them in place, and the quantized layer's outputs become the next
 layer's inputs. Only one layer's activations are held at a time. Runs are under
 ``torch.inference_mode``; algorithms that need gradients (AutoRound) clone what they use.
+An algorithm whose last pass already computed the rounded layer's outputs leaves them in
+``Block.outputs`` (GPTQ's paused pass, :mod:`.paused_pass`, whose worker threads the
+driver keeps for all the layers) and the layer is not run again.
 
 Any other ``nn.Module`` that is not a transformers model is calibrated as one block: each
 target ``Linear`` from the inputs it sees when the whole module runs on the calibration
