@@ -30,6 +30,7 @@ from torchq.algorithms.configs import storage_config
 from torchq.algorithms.registry import register_algorithm
 from torchq.algorithms.paused_pass import PausedPass
 from torchq.algorithms.stats import hessians, input_stages, stage_hessians
+from torchq.kernels.cpu_gptq import gptq_block
 
 __all__ = ["gptq_quantize", "fit_mse"]
 
@@ -107,35 +108,41 @@ def gptq_quantize(
             perm = torch.cat([perm, torch.arange(k, kp)])
             group_of = group_of[perm]
         w, hp = w[:, perm], hp[perm][:, perm]
-    group_of = None if group_of is None else group_of.tolist()
     u = _inverse_cholesky(hp, damp, name)
+    rule = grid.column_rule()
+    cur_s = cur_z = None  # the parameters of the group being rounded (N, 1)
     for i1 in range(0, kp, block_size):
         i2 = min(i1 + block_size, kp)
         w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        u1 = u[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if group_of is not None:
-                grp = group_of[col]
-                cur_s, cur_z = scale[:, grp : grp + 1], None if zero is None else zero[:, grp : grp + 1]
-            elif col % g == 0:
-                gw = torch.cat([w1[:, i:], w[:, i2 : col + g]], dim=1)[:, :g] if col + g > i2 else w1[:, i : i + g]
+        err1, q1 = torch.zeros_like(w1), torch.zeros_like(w1)
+        u1 = u[i1:i2, i1:i2].contiguous()
+        if group_of is not None:  # static groups: every column's parameters are known
+            cols = group_of[i1:i2]
+            s1 = scale[:, cols].contiguous()
+            z1 = None if zero is None else zero[:, cols].contiguous()
+            spans = [(0, i2 - i1)]
+        else:
+            s1 = torch.empty_like(w1)
+            z1 = torch.empty_like(w1) if rule.mode in ("int", "float") else None
+            bounds = sorted({i1, i2, *range(-(-i1 // g) * g, i2, g)})  # split where groups start
+            spans = [(a - i1, b - i1) for a, b in zip(bounds, bounds[1:])]
+        for a, b in spans:
+            col = i1 + a
+            if group_of is None and col % g == 0:  # fit the group from the error-updated weights
+                gw = torch.cat([w1[:, a:], w[:, i2 : col + g]], dim=1)[:, :g] if col + g > i2 else w1[:, a : a + g]
                 gb = gw.reshape(n, 1, -1)
-                s, z = fit_mse(grid, gb) if mse_clip else grid.fit(gb)
-                scale[:, col // g] = s[:, 0]
-                if z is not None:
+                cur_s, cur_z = fit_mse(grid, gb) if mse_clip else grid.fit(gb)
+                scale[:, col // g] = cur_s[:, 0]
+                if cur_z is not None:
                     if zero is None:
                         zero = torch.zeros(n, kp // g)
-                    zero[:, col // g] = z[:, 0]
-                cur_s, cur_z = s, z
-            x = w1[:, i].reshape(n, 1, 1)
-            q = grid.quantize(x, cur_s, cur_z)
-            dq = grid.dequantize(q, cur_s, cur_z).reshape(n)
-            codes[:, col] = q.reshape(n)
-            e = (w1[:, i] - dq) / u1[i, i]
-            w1[:, i:].addr_(e, u1[i, i:], alpha=-1.0)
-            err1[:, i] = e
+                    zero[:, col // g] = cur_z[:, 0]
+            if group_of is None:
+                s1[:, a:b] = cur_s
+                if z1 is not None:
+                    z1[:, a:b] = cur_z
+            gptq_block(w1, u1, s1, z1, rule.levels, q1, err1, a, b, rule.mode, rule.qmin, rule.qmax)
+        codes[:, i1:i2] = rule.codes(q1)
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
     if static_groups and perm is not None:  # back to the original column order
         codes = torch.empty_like(codes).index_copy_(1, perm, codes)

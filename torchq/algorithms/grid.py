@@ -20,6 +20,7 @@ Registration table: storage config type -> grid class (:func:`register_grid`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -46,7 +47,7 @@ from torchq.primitives.codebook import (
 from torchq.formats.affine.tensor import AffineQuantizedTensor, _pad_columns
 from torchq.formats.codebook4.tensor import Codebook4Tensor
 
-__all__ = ["Grid", "AffineGrid", "CodebookGrid", "grid_for", "register_grid"]
+__all__ = ["Grid", "AffineGrid", "CodebookGrid", "ColumnRule", "grid_for", "register_grid"]
 
 _GRIDS: dict[type, type["Grid"]] = {}
 
@@ -66,6 +67,23 @@ def grid_for(config: QuantConfig, weight_shape: tuple[int, int]) -> "Grid":
         if klass in _GRIDS:
             return _GRIDS[klass](config, tuple(weight_shape))
     raise TypeError(f"no quantization grid for {type(config).__name__}; known: {sorted(k.__name__ for k in _GRIDS)}")
+
+
+@dataclass(frozen=True)
+class ColumnRule:
+    """How a grid rounds one column, in the terms of the GPTQ column kernel
+    (:mod:`torchq.kernels.cpu_gptq`): its ``mode`` and clamp range, and for codebooks the
+    sorted ``levels`` and ``code_of`` (level index -> stored code)."""
+
+    mode: str
+    qmin: float
+    qmax: float
+    levels: Optional[torch.Tensor] = None
+    code_of: Optional[torch.Tensor] = None
+
+    def codes(self, q: torch.Tensor) -> torch.Tensor:
+        """The kernel's output ``q`` as this grid's codes (floats)."""
+        return q if self.code_of is None else self.code_of[q.long()].float()
 
 
 class Grid:
@@ -100,6 +118,10 @@ class Grid:
         raise NotImplementedError
 
     def dequantize(self, codes: torch.Tensor, scale, zero) -> torch.Tensor:
+        raise NotImplementedError
+
+    def column_rule(self) -> ColumnRule:
+        """:meth:`quantize` + :meth:`dequantize` of one column, for the GPTQ kernel."""
         raise NotImplementedError
 
     def fake(self, wb: torch.Tensor, scale, zero) -> torch.Tensor:
@@ -199,6 +221,9 @@ class AffineGrid(Grid):
             return (codes - zero.unsqueeze(-1)) * s
         return codes * s + zero.unsqueeze(-1)
 
+    def column_rule(self):
+        return ColumnRule(self.domain, float(self.qmin), float(self.qmax))
+
     def build(self, codes, scale, zero, dtype, act_scale=None, perm=None):
         if zero is not None and self.domain == "int":
             zero = zero.to(torch.int8)
@@ -238,6 +263,11 @@ class CodebookGrid(Grid):
     def dequantize(self, codes, scale, zero):
         table = codebook_values(self.scheme, codes.device)
         return table[codes.long()] * scale.unsqueeze(-1)
+
+    def column_rule(self):
+        code_of, _ = _decision_cached(self.scheme, "cpu")
+        levels = torch.tensor([self.cb.values[c] for c in self.cb.decision_codes], dtype=torch.float32)
+        return ColumnRule("codebook", -float(self.cb.vmax), float(self.cb.vmax), levels, code_of)
 
     def build(self, codes, scale, zero, dtype, act_scale=None, perm=None):
         if act_scale is not None or perm is not None:
