@@ -1,7 +1,9 @@
 """PausedPass: one pass over a decoder layer, paused at each stage's input, must give the
-numbers of re-running the layer per stage, and must never leave threads or hooks behind."""
+numbers of re-running the layer per stage, and must never leave a suspended item or a hook
+behind."""
 
 import copy
+import gc
 import threading
 
 import pytest
@@ -18,8 +20,10 @@ from torchq.algorithms.stats import hessians, input_stages, stage_hessians
 from algorithms_fixtures import tiny_llama
 
 
-def _item_threads():
-    return [t for t in threading.enumerate() if t.name.startswith("torchq-calibration-worker")]
+def _suspended_items():
+    """Items' greenlets started and not finished (a paused forward left behind)."""
+    gc.collect()
+    return [let for let in gc.get_objects() if type(let) is paused_pass._ItemLet and bool(let)]
 
 
 def _layer_block(model, calib, sequential=True):
@@ -51,7 +55,7 @@ def test_gptq_through_the_paused_pass_equals_rerunning_the_layer(act_order, frac
         assert torch.equal(out_paused[n][0].dequantize(), out_rerun[n][0].dequantize()), n
     for got, want in zip(paused.outputs, rerun.run()):
         assert torch.equal(got, want)
-    assert not _item_threads()
+    assert not _suspended_items()
     assert all(not m._forward_pre_hooks for m in paused.linears.values())
 
 
@@ -125,7 +129,7 @@ def test_an_error_in_an_items_forward_reaches_the_caller_and_nothing_is_left_run
         with PausedPass(block, [["a"], ["b"], ["c"]]) as paused:
             paused.gather(0, lambda x: None)
             paused.gather(1, lambda x: None)
-    assert not _item_threads()
+    assert not _suspended_items()
     assert all(not m._forward_pre_hooks for m in block.linears.values())
 
 
@@ -135,7 +139,7 @@ def test_leaving_early_releases_the_paused_items():
         with PausedPass(block, [["a"], ["b"], ["c"]]) as paused:
             paused.gather(0, lambda x: None)
             raise KeyError("the caller failed while the items were paused")
-    assert not _item_threads()
+    assert not _suspended_items()
     assert all(not m._forward_pre_hooks for m in block.linears.values())
 
 
@@ -152,36 +156,34 @@ def test_stages_out_of_order_are_refused():
             for j in range(3):
                 paused.gather(j, lambda x: None)
             paused.finish()
-    assert not _item_threads()
+    assert not _suspended_items()
 
 
-def test_calibration_keeps_one_set_of_workers_for_all_layers_and_closes_it():
-    """The driver's workers serve every layer (a thread's start-up cost is paid once), and
-    none is left when quantize_ returns, also when it fails."""
+def test_calibration_runs_the_items_on_the_calling_thread_and_leaves_none_suspended():
+    """Paused items are greenlets on the caller's thread (its OpenMP team, no thread of
+    their own), none is left suspended when quantize_ returns, also when it fails."""
     model, calib, _ = tiny_llama(layers=2)
-    started = []
-    real = paused_pass._Worker.start
-
-    def start(self):
-        started.append(self.name)
-        real(self)
-
-    paused_pass._Worker.start = start
-    try:
-        torchq.quantize_(model, torchq.GPTQ(torchq.int4_weight_only(group_size=32)), calibration=calib,
-                         filter_fn=lambda m, n: n != "lm_head")
-    finally:
-        paused_pass._Worker.start = real
-    assert len(started) == len(calib) and not _item_threads()
+    seen, paused_seen = set(), []
+    for layer in model.model.layers:
+        layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.add(threading.get_ident()))
+        layer.mlp.down_proj.register_forward_pre_hook(
+            lambda m, a: paused_seen.append(isinstance(paused_pass.getcurrent(), paused_pass._ItemLet)))
+    threads = set(threading.enumerate())
+    torchq.quantize_(model, torchq.GPTQ(torchq.int4_weight_only(group_size=32)), calibration=calib,
+                     filter_fn=lambda m, n: n != "lm_head")
+    assert seen == {threading.get_ident()}
+    assert {t.name for t in set(threading.enumerate()) - threads} <= {"tqdm_monitor"}  # (tqdm's own)
+    assert any(paused_seen)  # (the items did run paused)
+    assert not _suspended_items()
     broken, calib, _ = tiny_llama(layers=2)
     broken.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda m, a: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         torchq.quantize_(broken, torchq.GPTQ(torchq.int4_weight_only(group_size=32)), calibration=calib)
-    assert not _item_threads()
+    assert not _suspended_items()
 
 
 class _InterruptsTheCaller(nn.Module):
-    """Its forward (on a worker thread) interrupts the main thread before reaching ``b``."""
+    """Its forward interrupts the caller's thread (where it runs) before reaching ``b``."""
 
     def __init__(self):
         super().__init__()
@@ -193,7 +195,7 @@ class _InterruptsTheCaller(nn.Module):
 
         h = self.a(x)
         _thread.interrupt_main()
-        time.sleep(0.05)  # the caller is interrupted while this item is still running
+        time.sleep(0.05)  # interrupted here, while this item is running
         return self.b(h)
 
 
@@ -211,4 +213,4 @@ def test_an_interrupt_while_an_item_runs_does_not_leave_it_waiting():
                 paused.finish()
     finally:
         faulthandler.cancel_dump_traceback_later()
-    assert not _item_threads()
+    assert not _suspended_items()

@@ -168,7 +168,7 @@ def _process(block, names, config, act_scales):
         for stage in stages:
             out.update(_set(block, _round_stage(block, stage, config, act_scales, hessians(block, stage, act_scales))))
         return out
-    with PausedPass(block, stages, workers=block.meta.get("workers")) as paused:
+    with PausedPass(block, stages) as paused:
         for j, stage in enumerate(stages):
             add, result = stage_hessians(stage, act_scales)
             paused.gather(j, add)

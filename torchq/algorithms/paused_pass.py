@@ -4,9 +4,15 @@ Sequential calibration inside a layer (GPTQ's true-sequential) rounds the linear
 stages (q/k/v, o, gate/up, down), each from inputs computed with the earlier stages
 already rounded. Re-running the layer from its start for every stage, then once more for
 its outputs, computes about 2.3x the layer's FLOPs. Here each calibration item's forward
-runs on a thread of its own (:class:`Workers`) and waits at the first linear of each stage
-until the stage is rounded; the layer is computed once, and the finished forward is its
-output.
+runs in a greenlet of its own (a stack that can be switched to and from within one
+thread) and waits at the first linear of each stage until the stage is rounded; the layer
+is computed once, and the finished forward is its output.
+
+Greenlets, not threads: an item's forward then runs on the calling thread, with its
+OpenMP team and allocator arena. On OS threads (one per paused item: 128 for GPTQ's
+default calibration) each item woke a cold OpenMP team of its own and allocated from
+other arenas: the same forwards took 1.5x as long (SmolLM2, 128 x 512 tokens: 6.2 s
+against 4.1 s per layer), and every thread kept torch's per-thread buffers.
 
 The items run one at a time, in order, each from where it paused: every number equals the
 re-running one (tested). The cost is memory: a paused item keeps its live activations
@@ -15,18 +21,22 @@ SmolLM2: about 17x the item's input in resident memory at ``down_proj``). So onl
 items pause as fit in ``max_bytes`` (default: :data:`MEMORY_FRACTION` of the memory
 available when the pass starts); the others re-run the layer per stage, as before.
 ``MEMORY_FRACTION = 0`` keeps calibration's peak at the re-running one.
+
+Every switch into an item happens under ``torch.inference_mode()`` in the caller; the
+items change no thread-local mode themselves (a layer that enters a mode around a linear
+would leak it to the caller while paused).
 """
 
 from __future__ import annotations
 
-import threading
 from typing import Callable, Optional
 
 import torch
+from greenlet import greenlet, getcurrent
 
 from torchq.memory import available_memory, release_free_memory
 
-__all__ = ["MEMORY_FRACTION", "PausedPass", "Workers", "paused_item_bytes"]
+__all__ = ["MEMORY_FRACTION", "PausedPass", "paused_item_bytes"]
 
 #: share of the available memory that paused items may hold (0: none pause)
 MEMORY_FRACTION = 0.25
@@ -40,19 +50,20 @@ class _Stop(Exception):
     """Ends a re-run item's forward at the stage's input."""
 
 
-_local = threading.local()  # .item: the _Item a worker thread is running
+class _ItemLet(greenlet):
+    """The greenlet an item's forward runs in (``.item``: that item)."""
+
+    item: "_Item"
 
 
 class _Item:
-    """One calibration item's forward through the layer, run on a worker thread only while
-    the main thread waits for it."""
+    """One calibration item's forward through the layer, run in its greenlet only while
+    the caller waits for it."""
 
     def __init__(self, owner: "PausedPass", index: int, args, kwargs):
         self.owner, self.index, self.args, self.kwargs = owner, index, args, kwargs
-        self.go = threading.Event()
-        self.paused = threading.Event()
-        self.done = threading.Event()
-        self.submitted = False
+        self.let = _ItemLet(self.run)
+        self.let.item = self
         self.state = "new"  # "new" (not started), "paused" (at ``stage``), "done"
         self.stage = -1
         self.stage_input: Optional[torch.Tensor] = None
@@ -62,82 +73,29 @@ class _Item:
 
     def run(self) -> None:
         try:
-            torch.set_num_threads(self.owner.num_threads)
-            with torch.inference_mode():
-                self.output = _first(self.owner.module(*self.args, **self.kwargs))
+            self.output = _first(self.owner.module(*self.args, **self.kwargs))
         except _Abort:
             pass
-        except BaseException as e:  # re-raised in the main thread
+        except BaseException as e:  # re-raised in the caller (a KeyboardInterrupt too)
             self.error = e
         finally:
             self.state, self.stage_input = "done", None
-            self.paused.set()
-            self.done.set()
 
     def wait_at(self, stage: int, x: torch.Tensor) -> None:
-        """Called by the linear's pre-hook on this item's thread: park until resumed."""
+        """Called by the linear's pre-hook inside this item's greenlet: back to the caller
+        until resumed."""
         self.passed.add(stage)
         self.state, self.stage, self.stage_input = "paused", stage, x
-        self.paused.set()
-        self.go.wait()
-        self.go.clear()
+        self.let.parent.switch()
         self.stage_input = None
         if self.owner.aborted:
             raise _Abort
 
-
-class _Worker(threading.Thread):
-    """A long-lived thread that runs one item at a time."""
-
-    def __init__(self, index: int):
-        super().__init__(name=f"torchq-calibration-worker-{index}", daemon=True)
-        self.ready = threading.Event()
-        self.job: Optional[_Item] = None
-
-    def submit(self, job: Optional[_Item]) -> None:
-        self.job = job
-        self.ready.set()
-
-    def run(self) -> None:
-        while True:
-            self.ready.wait()
-            self.ready.clear()
-            job = self.job
-            if job is None:
-                return
-            _local.item = job
-            try:
-                job.run()
-            finally:
-                _local.item = None
-
-
-class Workers:
-    """The threads that paused items run on, kept for a whole calibration.
-
-    A new thread's first forward costs about 20 ms more than the next ones (its own OpenMP
-    team and BLAS buffers start up): per layer and item, that was a third of the pass. The
-    calibration driver opens one ``Workers`` for all its layers; a :class:`PausedPass`
-    without one opens its own."""
-
-    def __init__(self):
-        self.threads: list[_Worker] = []
-
-    def take(self, n: int) -> list[_Worker]:
-        while len(self.threads) < n:
-            self.threads.append(_Worker(len(self.threads)))
-            self.threads[-1].start()
-        return self.threads[:n]
-
-    def __enter__(self) -> "Workers":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for w in self.threads:
-            w.submit(None)
-        for w in self.threads:
-            w.join()
-        self.threads.clear()
+    def resume(self) -> None:
+        """Run this item (in the caller's thread) until it pauses or ends."""
+        self.let.parent = getcurrent()  # where its next pause (or its end) returns to
+        with torch.inference_mode():
+            self.let.switch()
 
 
 def _first(out):
@@ -167,7 +125,7 @@ class PausedPass:
     ``n_paused``: how many items pause (the first ones; see the module docstring).
     """
 
-    def __init__(self, block, stages: list[list[str]], max_bytes: Optional[int] = None, workers: Optional[Workers] = None):
+    def __init__(self, block, stages: list[list[str]], max_bytes: Optional[int] = None):
         self.module = block.module
         self.stages = [list(names) for names in stages]
         self.stage_of = {name: j for j, names in enumerate(stages) for name in names}
@@ -177,10 +135,6 @@ class PausedPass:
         self.n_paused = min(len(block.inputs), max_bytes // paused_item_bytes(block))
         self.items = [_Item(self, i, args, kwargs) for i, (args, kwargs) in enumerate(block.inputs[: self.n_paused])]
         self.rerun = block.inputs[self.n_paused :]
-        self.num_threads = torch.get_num_threads()
-        self._own_workers = workers is None
-        self.workers = Workers() if workers is None else workers
-        self._threads = self.workers.take(len(self.items))
         self.aborted = False
         self.next_stage = 0
         self._handles: list = []
@@ -192,22 +146,20 @@ class PausedPass:
 
     def __exit__(self, *exc) -> None:
         self.aborted = True
-        for item in self.items:  # (also one still running, e.g. after a KeyboardInterrupt)
-            if item.submitted:
-                item.go.set()  # its current or next pause returns at once and aborts
-                item.done.wait()
+        for item in self.items:
+            if item.state == "paused":
+                item.resume()  # its pause raises _Abort: the forward unwinds and ends
         for h in self._handles:
             h.remove()
         self._handles.clear()
         self.items.clear()
-        if self._own_workers:
-            self.workers.__exit__()
         release_free_memory()  # the paused activations' heap, before the next layer
 
     def _pre_hook(self, stage: int, x: torch.Tensor) -> None:
-        item = getattr(_local, "item", None)
+        let = getcurrent()
+        item = let.item if isinstance(let, _ItemLet) else None
         if item is None or item.owner is not self or stage in item.passed:
-            return  # a re-run in the calling thread, or a later linear of the same stage
+            return  # a re-run in the caller, or a later linear of the same stage
         if stage < self.next_stage - 1:
             raise RuntimeError(
                 f"calibration item {item.index} reached {self.stages[stage]} after they were rounded: its linears run "
@@ -216,13 +168,7 @@ class PausedPass:
         item.wait_at(stage, x)
 
     def _advance(self, item: _Item) -> None:
-        item.paused.clear()
-        if item.state == "new":
-            item.submitted = True
-            self._threads[item.index].submit(item)
-        else:
-            item.go.set()
-        item.paused.wait()
+        item.resume()
         if item.error is not None:
             raise item.error
 
@@ -244,8 +190,8 @@ class PausedPass:
         """The items that do not pause: each from the layer's start to the stage's input."""
 
         def stop(m, a):
-            item = getattr(_local, "item", None)
-            if item is None or item.owner is not self:
+            let = getcurrent()
+            if not isinstance(let, _ItemLet) or let.item.owner is not self:
                 fn(a[0])
                 raise _Stop
 

@@ -8,8 +8,8 @@ linears), quantizes them in place, and the quantized layer's outputs become the 
 layer's inputs. Only one layer's activations are held at a time. Runs are under
 ``torch.inference_mode``; algorithms that need gradients (AutoRound) clone what they use.
 An algorithm whose last pass already computed the rounded layer's outputs leaves them in
-``Block.outputs`` (GPTQ's paused pass, :mod:`.paused_pass`, whose worker threads the
-driver keeps for all the layers) and the layer is not run again.
+``Block.outputs`` (GPTQ's paused pass, :mod:`.paused_pass`) and the layer is not run
+again.
 
 Any other ``nn.Module`` that is not a transformers model is calibrated as one block: each
 target ``Linear`` from the inputs it sees when the whole module runs on the calibration
@@ -36,7 +36,6 @@ from torch import nn
 from torchq.quantize.configs import QuantConfig
 from torchq.algorithms.configs import AlgorithmConfig, storage_config
 from torchq.algorithms.data import as_model_inputs, check_calibration
-from torchq.algorithms.paused_pass import Workers
 from torchq.algorithms.registry import get_algorithm
 
 __all__ = ["Block", "calibrate", "decoder_layers", "capture_layer_inputs", "process_block"]
@@ -230,25 +229,24 @@ def calibrate(
     inputs = capture_layer_inputs(model, layers[0], items)
     # the float model's stream too, where an algorithm compares with it (AutoRound target="float")
     float_inputs = inputs if any(_wants_float_targets(c) for c in targets.values()) else None
-    with Workers() as workers:  # threads for algorithms' paused passes, kept across the layers
-        for i, layer in _progress(enumerate(layers), len(layers), "torchq calibration"):
-            lp = f"{prefix}.{i}"
-            linears = {n: m for n, m in layer.named_modules() if f"{lp}.{n}" in targets}
-            meta = {"model": model, "index": i, "workers": workers}
-            if float_inputs is not None:  # this layer's float outputs, before it is rounded
-                meta["float_targets"] = Block(layer, float_inputs, {}, lp).run()
-            block = Block(layer, inputs, linears, lp, meta=meta)
-            if linears:
-                record(block, process_block(block, targets))
-            if i + 1 < len(layers):
-                outs = block.outputs if block.outputs is not None else block.run()
-                block.outputs = None
-                inputs = [((out,) + tuple(args[1:]), kwargs) for out, (args, kwargs) in zip(outs, inputs)]
-                if float_inputs is not None:
-                    float_inputs = [
-                        ((out,) + tuple(args[1:]), kwargs) for out, (args, kwargs) in zip(meta["float_targets"], float_inputs)
-                    ]
-            logger.debug("torchq: calibrated %s", lp)
+    for i, layer in _progress(enumerate(layers), len(layers), "torchq calibration"):
+        lp = f"{prefix}.{i}"
+        linears = {n: m for n, m in layer.named_modules() if f"{lp}.{n}" in targets}
+        meta = {"model": model, "index": i}
+        if float_inputs is not None:  # this layer's float outputs, before it is rounded
+            meta["float_targets"] = Block(layer, float_inputs, {}, lp).run()
+        block = Block(layer, inputs, linears, lp, meta=meta)
+        if linears:
+            record(block, process_block(block, targets))
+        if i + 1 < len(layers):
+            outs = block.outputs if block.outputs is not None else block.run()
+            block.outputs = None
+            inputs = [((out,) + tuple(args[1:]), kwargs) for out, (args, kwargs) in zip(outs, inputs)]
+            if float_inputs is not None:
+                float_inputs = [
+                    ((out,) + tuple(args[1:]), kwargs) for out, (args, kwargs) in zip(meta["float_targets"], float_inputs)
+                ]
+        logger.debug("torchq: calibrated %s", lp)
     del inputs, float_inputs
     substitutes = {n: storage_config(c) for n, c in targets.items() if n not in reports}
     for name in substitutes:
