@@ -152,7 +152,10 @@ class PausedPass:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for item in self.items:  # item <-> greenlet is a reference cycle: break it, so the
+            item.let = item.args = item.kwargs = item.output = None  # inputs go now, not at a gc
         self.items.clear()
+        self.rerun = []
         release_free_memory()  # the paused activations' heap, before the next layer
 
     def _pre_hook(self, stage: int, x: torch.Tensor) -> None:
