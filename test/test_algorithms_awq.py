@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchq
-from torchq.algorithms.awq import search_clip, search_scale
+from torchq.algorithms.awq import _group_out_err, group_hessians, rtn_fake, search_clip, search_scale
 from torchq.algorithms.folding import fold_scales, scale_groups
 from torchq.algorithms.grid import grid_for
 
@@ -45,6 +45,25 @@ def test_clip_search_not_above_plain_min_max():
     plain = (x @ grid.rtn(w).t() - ref).pow(2).sum()
     clipped = (x @ grid.rtn(search_clip(w, x, INT4)).t() - ref).pow(2).sum()
     assert clipped <= plain * 1.0001
+
+
+@pytest.mark.parametrize("k", [64, 80])  # 80: K padded to the group
+def test_search_errors_are_the_output_errors(k):
+    """The searches score through ``x^T x`` (whole, or per group): the same numbers as the
+    output errors they stand for, computed directly."""
+    torch.manual_seed(3)
+    x, w = torch.randn(300, k) * torch.rand(k) * 3, torch.randn(24, k)
+    _, errs = search_scale([w[:10], w[10:]], x, x.abs().mean(0), INT4, n_grid=4)
+    for r, err in enumerate(errs):
+        s = x.abs().mean(0).clamp(min=1e-4).pow(r / 4)
+        s = s / (s.max() * s.min()).sqrt()
+        direct = (x @ (rtn_fake(INT4, w * s) / s).t() - x @ w.t()).pow(2).mean()
+        assert err == pytest.approx(float(direct), rel=1e-4)
+    grid = grid_for(INT4, w.shape)
+    xb = F.pad(x, (0, grid.padded - k)).reshape(300, grid.groups, grid.group)
+    d = torch.randn(24, grid.groups, grid.group)
+    direct = torch.einsum("tGg,nGg->tnG", xb, d).pow(2).sum(0)
+    torch.testing.assert_close(_group_out_err(group_hessians(xb), d), direct, rtol=1e-4, atol=1e-3)
 
 
 def test_folding_keeps_the_float_function():

@@ -23,7 +23,7 @@ from torchq.algorithms.grid import grid_for
 from torchq.algorithms.registry import get_algorithm, register_algorithm
 from torchq.algorithms.stats import input_stats
 
-__all__ = ["search_scale", "search_clip", "round_to_nearest", "rtn_fake"]
+__all__ = ["search_scale", "search_clip", "group_hessians", "round_to_nearest", "rtn_fake"]
 
 CLIP_SHRINKS = tuple(1.0 - 0.05 * i for i in range(11))  # 1.0 .. 0.5 (AutoAWQ: 20 steps; 10 halve the time)
 CLIP_TOKENS = 512
@@ -37,15 +37,20 @@ def rtn_fake(base, w: torch.Tensor) -> torch.Tensor:
 
 def search_scale(weights: list[torch.Tensor], x: torch.Tensor, mean_abs: torch.Tensor, base, n_grid: int = 20):
     """Best per-input-channel scale for linears ``weights`` reading inputs ``x`` (rows, K);
-    returns ``(s, errors)`` with the error of every ratio tried (index 0: unscaled)."""
+    returns ``(s, errors)`` with the error of every ratio tried (index 0: unscaled).
+
+    The error is the mean squared output error over ``x``'s rows and the output channels,
+    ``sum_n d_n^T (x^T x) d_n / (rows N)`` for the weight error ``d``: ``x^T x`` once, then
+    ``N K^2`` per ratio instead of ``rows N K`` (4096 sampled rows against K = 576..1536)."""
     w = torch.cat([wi.float() for wi in weights])
-    ref = x @ w.t()
+    h = x.float().t() @ x.float()
+    norm = x.shape[0] * w.shape[0]
     best, best_err, errs = torch.ones_like(mean_abs), None, []
     for r in range(n_grid):
         s = mean_abs.clamp(min=1e-4).pow(r / n_grid)
         s = s / (s.max() * s.min()).sqrt()
-        wq = torch.cat([rtn_fake(base, wi.float() * s) for wi in weights]) / s
-        err = float((x @ wq.t() - ref).pow(2).mean())
+        d = torch.cat([rtn_fake(base, wi.float() * s) for wi in weights]) / s - w
+        err = float(((d @ h) * d).sum()) / norm
         errs.append(err)
         if best_err is None or err < best_err:
             best, best_err = s, err
@@ -58,11 +63,12 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, base, shrinks=CLIP_SHRINKS) ->
     wp = grid.pad(w.float())
     wb = grid.blocked(wp)
     xb = torch.nn.functional.pad(x.float(), (0, grid.padded - grid.k)).reshape(x.shape[0], grid.groups, grid.group)
+    hg = group_hessians(xb)
     best_err, best_f = None, None
     for f in shrinks:
         s, z = grid.fit(wb, f)
         d = grid.fake(wb, s, z) - wb
-        err = _group_out_err(xb, d)
+        err = _group_out_err(hg, d)
         if best_err is None:
             best_err, best_f = err, torch.full_like(err, f)
         else:
@@ -78,12 +84,18 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, base, shrinks=CLIP_SHRINKS) ->
     return clipped.reshape(wp.shape)[:, : grid.k]
 
 
-def _group_out_err(xb: torch.Tensor, d: torch.Tensor, rows: int = 256) -> torch.Tensor:
-    """``sum_t (x_tG . d_nG)^2`` per (row n, group G), in row chunks to bound memory."""
-    out = []
-    for i in range(0, d.shape[0], rows):
-        out.append(torch.einsum("tGg,nGg->tnG", xb, d[i : i + rows]).pow(2).sum(0))
-    return torch.cat(out)
+def group_hessians(xb: torch.Tensor) -> torch.Tensor:
+    """``sum_t x_tG x_tG^T`` per group ``G`` of the blocked inputs ``xb`` (T, G, g): (G, g, g)."""
+    xg = xb.transpose(0, 1)  # (G, T, g)
+    return xg.transpose(1, 2) @ xg
+
+
+def _group_out_err(hg: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``sum_t (x_tG . d_nG)^2 = d_nG^T H_G d_nG`` per (row n, group G), from the group
+    Hessians ``hg`` (G, g, g) and the blocked weight error ``d`` (N, G, g): ``g`` products per
+    weight instead of one per sampled token."""
+    dg = d.transpose(0, 1)  # (G, N, g)
+    return ((dg @ hg) * dg).sum(-1).t()
 
 
 def round_to_nearest(block, names, base, act_scales) -> dict:

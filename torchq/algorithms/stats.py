@@ -147,25 +147,31 @@ def _means(sums: dict[str, HessianSum]) -> dict[str, torch.Tensor]:
 
 def input_stats(block, names: list[str], max_tokens: int = 4096, seed: int = 0) -> dict[str, dict]:
     """Per linear: ``mean_abs`` and ``amax`` (K,) of its input, and ``sample``: up to
-    ``max_tokens`` input rows drawn evenly from every calibration item."""
+    ``max_tokens`` input rows drawn evenly from every calibration item. Linears reading one
+    input tensor (q/k/v, gate/up) share its statistics and its sample (computed once)."""
     per_item = max(1, max_tokens // max(1, len(block.inputs)))
-    stats: dict[str, dict] = {n: {"sum": None, "amax": None, "n": 0, "rows": []} for n in names}
+    slots: dict[int, dict] = {}
     gen = torch.Generator().manual_seed(seed)
 
-    def hook(name: str, x: torch.Tensor) -> None:
-        x2 = x.reshape(-1, x.shape[-1]).float()
-        st = stats[name]
-        s, m = x2.abs().sum(0), x2.abs().amax(0)
+    def update(slot: int, x2: torch.Tensor) -> None:
+        x2 = x2.float()
+        st = slots.setdefault(slot, {"sum": None, "amax": None, "n": 0, "rows": []})
+        a = x2.abs()
+        s, m = a.sum(0), a.amax(0)
         st["sum"] = s if st["sum"] is None else st["sum"] + s
         st["amax"] = m if st["amax"] is None else torch.maximum(st["amax"], m)
         st["n"] += x2.shape[0]
         idx = torch.randperm(x2.shape[0], generator=gen)[:per_item]
         st["rows"].append(x2[idx].clone())
 
-    block.run({n: hook for n in names}, keep=False)
-    return {
-        n: {"mean_abs": (st["sum"] / st["n"]).clone(), "amax": st["amax"].clone(), "sample": torch.cat(st["rows"]).clone()}
-        for n, st in stats.items()
+    shared = _Shared(update)
+    block.run({n: shared for n in names}, keep=False)
+    shared.release()
+    done = {
+        slot: {"mean_abs": (st["sum"] / st["n"]).clone(), "amax": st["amax"].clone(), "sample": torch.cat(st["rows"]).clone()}
+        for slot, st in slots.items()
     }
-
-
+    for n in names:
+        if n not in shared.key:
+            raise ValueError(f"{n}: no calibration input reached this linear; check that the calibration items run it")
+    return {n: done[shared.key[n]] for n in names}
