@@ -11,15 +11,19 @@ is computed once, and the finished forward is its output.
 Greenlets, not threads: an item's forward then runs on the calling thread, with its
 OpenMP team and allocator arena. On OS threads (one per paused item: 128 for GPTQ's
 default calibration) each item woke a cold OpenMP team of its own and allocated from
-other arenas: the same forwards took 1.5x as long (SmolLM2, 128 x 512 tokens: 6.2 s
-against 4.1 s per layer), and every thread kept torch's per-thread buffers.
+other arenas: one SmolLM2 layer's 128 forwards of 512 tokens took 6.2 s on item threads,
+about 5 s in greenlets and 4.1 s run straight through on one thread (the rest is page
+faults on the paused items' fresh activations), and every thread kept torch's per-thread
+buffers.
 
 The items run one at a time, in order, each from where it paused: every number equals the
 re-running one (tested). The cost is memory: a paused item keeps its live activations
-inside the layer, and the allocator's fragmentation about doubles them (measured on
-SmolLM2: about 17x the item's input in resident memory at ``down_proj``). So only as many
-items pause as fit in ``max_bytes`` (default: :data:`MEMORY_FRACTION` of the memory
-available when the pass starts); the others re-run the layer per stage, as before.
+inside the layer (measured on SmolLM2: about 7x the item's input in resident memory at
+``down_proj``, 8.6 MB per 512-token item; it was 17x with one thread per item).
+:func:`paused_item_bytes` estimates 19x, with room for the allocator's fragmentation on
+other models. Only as many items pause as fit in ``max_bytes`` (default:
+:data:`MEMORY_FRACTION` of the memory available when the pass starts); the others re-run
+the layer per stage, as before.
 ``MEMORY_FRACTION = 0`` keeps calibration's peak at the re-running one.
 
 Every switch into an item happens under ``torch.inference_mode()`` in the caller; the
