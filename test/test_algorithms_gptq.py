@@ -99,6 +99,13 @@ def test_act_order_off_where_it_cannot_be_stored():
     assert layer.weight.perm is None  # K=96 padded to 128: perm needs whole groups
 
 
+def test_direct_act_order_on_a_padded_k_needs_static_groups():
+    """The algorithm turns it off (above); a direct call gets an error naming the fix."""
+    grid = grid_for(torchq.int4_weight_only(group_size=64), (8, 96))
+    with pytest.raises(ValueError, match="static_groups=True"):
+        gptq_quantize(torch.randn(8, 96), torch.eye(96), grid, act_order=True)
+
+
 @pytest.mark.parametrize(
     "base, k",
     [(torchq.int4_weight_only(group_size=32), 128), (torchq.int4_weight_only(group_size=64), 96),

@@ -16,6 +16,8 @@ rounding error onto the columns not yet rounded, weighted by the inverse Hessian
   contiguous in the permuted order (affine bases with K a multiple of the group size;
   elsewhere it is turned off and the report says so);
 * codebook bases (NF4 / FP4) round each column to the nearest table value x block scale.
+* the column loop inside a block runs in a C++ kernel (:mod:`torchq.kernels.cpu_gptq`,
+  with its plain-PyTorch reference; the same bits).
 """
 
 from __future__ import annotations
@@ -89,6 +91,11 @@ def gptq_quantize(
     w = grid.pad(weight.detach().float()).clone()
     n, kp = w.shape
     k = weight.shape[1]
+    if act_order and not static_groups and kp != k:
+        raise ValueError(
+            f"GPTQ {name}: act_order without static_groups needs K ({k}) to be a multiple of the group size "
+            f"({grid.group}): its groups are contiguous in the permuted order; use static_groups=True"
+        )
     hp = torch.zeros(kp, kp)
     hp[:k, :k] = h.float()
     dead = torch.diag(hp) == 0

@@ -1,6 +1,6 @@
 // torchq::gptq_block_ — GPTQ's column loop inside one block of columns (the part that is
 // sequential in the columns). Python ran it as ~15 small tensor ops per column, about
-// 0.5 ms each: 1.7 s per SmolLM2 decoder layer, 15 % of GPTQ's calibration time. Rows are
+// 0.5 ms per column: 1.7 s per SmolLM2 decoder layer, 15 % of GPTQ's calibration time. Rows are
 // independent in GPTQ, so each thread takes whole rows and runs their columns in order.
 //
 // Arithmetic, per row and column i in [start, stop), in exactly the order of the plain
