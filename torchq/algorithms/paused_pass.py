@@ -122,7 +122,7 @@ class PausedPass:
 
     ``stages``: the block's linear names grouped by the input they read, in the order the
     layer calls them (:func:`torchq.algorithms.stats.input_stages`). ``gather(j, fn)``
-    brings every item to stage ``j``'s input and calls ``fn(x)`` on it in the main thread
+    brings every item to stage ``j``'s input and calls ``fn(x)`` on it in the caller
     (in item order); the caller then rounds stage ``j`` in place before gathering ``j + 1``.
     ``finish()`` runs every item to its end and returns the outputs (first element of
     tuple outputs), in item order. Leaving the ``with`` early abandons the paused items.
