@@ -38,6 +38,7 @@ METHODS = {
     "gptq_static": lambda base: __import__("torchq").GPTQ(base, act_order=True, mse_clip=False, static_groups=True),
     "hqq": lambda base: __import__("torchq").HQQ(base),
     "awq": lambda base: __import__("torchq").AWQ(base),
+    "awq_rounded": lambda base: __import__("torchq").AWQ(base, next_inputs="rounded"),  # version 1: two passes per layer
     "awq_gptq": lambda base: __import__("torchq").AWQ(__import__("torchq").GPTQ(base)),
     "autoround": lambda base: __import__("torchq").AutoRound(base),
     "autoround_light": lambda base: __import__("torchq").AutoRound(base, preset="light"),

@@ -103,6 +103,38 @@ def test_awq_model_keys_error_and_act_scale():
     assert err < 1.5 * err_rtn  # a random tiny model: no outliers for AWQ to find, but no harm
 
 
+@pytest.mark.parametrize("next_inputs", ["float", "rounded"])
+def test_awq_next_inputs_feed_float_or_rounded_outputs(monkeypatch, next_inputs):
+    """``next_inputs="float"``: every layer is calibrated on the float model's own inputs of
+    that layer (its statistics pass's outputs, one pass per layer); ``"rounded"``: on the
+    rounded earlier layers' outputs. Same final function either way at layer 0."""
+    import torchq.algorithms.awq as awq_mod
+
+    model, calib, held = tiny_llama(layers=3)
+    float_model = copy.deepcopy(model)
+    float_inputs: list = []
+    handles = [l.register_forward_pre_hook(lambda m, a: float_inputs.append(a[0].clone())) for l in float_model.model.layers]
+    with torch.no_grad():
+        for ids in calib:
+            float_model(ids)
+    for h in handles:
+        h.remove()
+    per_layer = [float_inputs[i::3] for i in range(3)]  # items run layer 0, 1, 2 in turn
+    seen: list = []
+    real = awq_mod.input_stats
+
+    def spy(block, names, *args, **kwargs):
+        seen.append([a[0].clone() for a, _ in block.inputs])
+        return real(block, names, *args, **kwargs)
+
+    monkeypatch.setattr(awq_mod, "input_stats", spy)
+    torchq.quantize_(model, torchq.AWQ(INT4, next_inputs=next_inputs), calibration=calib, filter_fn=lambda m, n: n != "lm_head")
+    assert len(seen) == 3
+    for layer, (got, want) in enumerate(zip(seen, per_layer)):
+        same = all(torch.equal(g, w) for g, w in zip(got, want))
+        assert same == (layer == 0 or next_inputs == "float"), layer
+
+
 def test_awq_then_gptq_and_codebook():
     model, calib, held = tiny_llama()
     report = torchq.quantize_(model, torchq.AWQ(torchq.GPTQ(INT4)), calibration=calib, filter_fn=lambda m, n: n != "lm_head")

@@ -52,6 +52,20 @@ def test_gptq_version_1_dicts_keep_their_meaning():
         torchq.GPTQ(INT4, version=3)
 
 
+def test_awq_version_1_dicts_keep_their_meaning():
+    """Version 2 added ``next_inputs`` (default ``"auto"``: float outputs feed the next layer
+    unless a data-driven rounding algorithm is wrapped); a version 1 dict fed rounded ones."""
+    v1 = {"type": "awq", "version": 1, "base": INT4.to_dict(), "n_grid": 20, "clip": True, "max_tokens": 2048}
+    cfg = config_from_dict(v1)
+    assert cfg.version == 2 and cfg.next_inputs == "rounded" and not cfg.feeds_float_outputs
+    assert torchq.AWQ(INT4).feeds_float_outputs and torchq.AWQ(torchq.HQQ(INT4)).feeds_float_outputs
+    assert not torchq.AWQ(torchq.GPTQ(INT4)).feeds_float_outputs
+    assert torchq.AWQ(torchq.GPTQ(INT4), next_inputs="float").feeds_float_outputs
+    assert not torchq.AWQ(INT4, next_inputs="rounded").feeds_float_outputs
+    with pytest.raises(ValueError, match="next_inputs must be one of 'auto', 'rounded', 'float'"):
+        torchq.AWQ(INT4, next_inputs="quantized")
+
+
 def test_autoround_light_preset():
     cfg = torchq.AutoRound(INT4, preset="light")
     assert (cfg.iters, cfg.learning_rate, cfg.preset) == (50, 5e-3, "light")

@@ -115,7 +115,10 @@ def scale_then_round(block, names, config: AlgorithmConfig, choose_scale, label:
     stats) -> (s, note)``), fold it or keep it as act_scale, optionally clip, then round
     with the wrapped algorithm (or to nearest)."""
     base = storage_config(config)
-    stats = input_stats(block, names, getattr(config, "max_tokens", 4096))
+    # AWQ's next_inputs (SmoothQuant: always rounded): the statistics pass then runs the
+    # whole float layer, and its outputs feed the next one
+    outputs = [] if getattr(config, "feeds_float_outputs", False) else None
+    stats = input_stats(block, names, getattr(config, "max_tokens", 4096), outputs=outputs)
     act_scales: dict = {}
     notes: dict = {}
     with torch.no_grad():
@@ -144,6 +147,8 @@ def scale_then_round(block, names, config: AlgorithmConfig, choose_scale, label:
                 lin.weight.copy_((search_clip(lin.weight.float() * a1, x, base) / a1).to(lin.weight.dtype))
     inner = config.base
     results = get_algorithm(inner)(block, names, inner, act_scales) if isinstance(inner, AlgorithmConfig) else round_to_nearest(block, names, base, act_scales)
+    if outputs is not None:
+        block.outputs = outputs
     return {n: (t, "; ".join(x for x in (notes.get(n, ""), note) if x)) for n, (t, note) in results.items()}
 
 

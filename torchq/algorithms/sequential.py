@@ -7,9 +7,10 @@ layer the algorithm sees a :class:`Block` (the layer, its calibration inputs, it
 linears), quantizes them in place, and the quantized layer's outputs become the next
 layer's inputs. Only one layer's activations are held at a time. Runs are under
 ``torch.inference_mode``; algorithms that need gradients (AutoRound) clone what they use.
-An algorithm whose last pass already computed the rounded layer's outputs leaves them in
-``Block.outputs`` (GPTQ's paused pass, :mod:`.paused_pass`) and the layer is not run
-again.
+An algorithm whose last pass already computed the next layer's inputs leaves them in
+``Block.outputs`` and the layer is not run again: the rounded layer's outputs (GPTQ's paused
+pass, :mod:`.paused_pass`), or the float layer's (AWQ's statistics pass with
+``next_inputs="float"``, as AutoAWQ: the next layer then reads float outputs).
 
 Any other ``nn.Module`` that is not a transformers model is calibrated as one block: each
 target ``Linear`` from the inputs it sees when the whole module runs on the calibration
@@ -61,7 +62,7 @@ class Block:
     prefix: str = ""
     sequential: bool = True  # outputs feed a next block (decoder layers)
     meta: dict = field(default_factory=dict)
-    outputs: Optional[list] = None  # set by an algorithm whose last pass computed them (rounded weights)
+    outputs: Optional[list] = None  # the next layer's inputs, set by an algorithm whose last pass computed them
 
     def full_name(self, local: str) -> str:
         return f"{self.prefix}.{local}" if self.prefix else local

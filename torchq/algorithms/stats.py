@@ -145,10 +145,12 @@ def _means(sums: dict[str, HessianSum]) -> dict[str, torch.Tensor]:
     return {n: done[id(acc)] for n, acc in sums.items()}
 
 
-def input_stats(block, names: list[str], max_tokens: int = 4096, seed: int = 0) -> dict[str, dict]:
+def input_stats(block, names: list[str], max_tokens: int = 4096, seed: int = 0, outputs: Optional[list] = None) -> dict[str, dict]:
     """Per linear: ``mean_abs`` and ``amax`` (K,) of its input, and ``sample``: up to
     ``max_tokens`` input rows drawn evenly from every calibration item. Linears reading one
-    input tensor (q/k/v, gate/up) share its statistics and its sample (computed once)."""
+    input tensor (q/k/v, gate/up) share its statistics and its sample (computed once).
+    ``outputs``: a list to receive the block's outputs (it then runs whole, not only up to
+    its last target linear)."""
     per_item = max(1, max_tokens // max(1, len(block.inputs)))
     slots: dict[int, dict] = {}
     gen = torch.Generator().manual_seed(seed)
@@ -165,7 +167,9 @@ def input_stats(block, names: list[str], max_tokens: int = 4096, seed: int = 0) 
         st["rows"].append(x2[idx].clone())
 
     shared = _Shared(update)
-    block.run({n: shared for n in names}, keep=False)
+    outs = block.run({n: shared for n in names}, keep=outputs is not None)
+    if outputs is not None:
+        outputs.extend(outs)
     shared.release()
     done = {
         slot: {"mean_abs": (st["sum"] / st["n"]).clone(), "amax": st["amax"].clone(), "sample": torch.cat(st["rows"]).clone()}
