@@ -135,6 +135,25 @@ def test_awq_next_inputs_feed_float_or_rounded_outputs(monkeypatch, next_inputs)
         assert same == (layer == 0 or next_inputs == "float"), layer
 
 
+def test_last_pass_releases_each_input_as_it_runs():
+    """``Block.run(release_inputs=True)`` (AWQ's float-fed statistics pass when it is the
+    layer's last): the same outputs, each item's hidden states dropped once it has run (its
+    positions and masks kept for the next layer), refused while the inputs are still needed."""
+    from torchq.algorithms.sequential import Block, capture_layer_inputs
+
+    model, calib, _ = tiny_llama()
+    layer = model.model.layers[0]
+    inputs = capture_layer_inputs(model, layer, calib)
+    want = Block(layer, list(inputs), {}).run()
+    block = Block(layer, list(inputs), {})
+    with pytest.raises(RuntimeError, match="still needed"):
+        block.run(release_inputs=True)
+    block.inputs_needed = False
+    got = block.run(release_inputs=True)
+    assert all(torch.equal(g, w) for g, w in zip(got, want)) and len(got) == len(want)
+    assert all(args[0] is None and len(args) == len(a0) and kw is k0 for (args, kw), (a0, k0) in zip(block.inputs, inputs))
+
+
 def test_awq_then_gptq_and_codebook():
     model, calib, held = tiny_llama()
     report = torchq.quantize_(model, torchq.AWQ(torchq.GPTQ(INT4)), calibration=calib, filter_fn=lambda m, n: n != "lm_head")

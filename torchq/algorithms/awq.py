@@ -116,9 +116,12 @@ def scale_then_round(block, names, config: AlgorithmConfig, choose_scale, label:
     with the wrapped algorithm (or to nearest)."""
     base = storage_config(config)
     # AWQ's next_inputs (SmoothQuant: always rounded): the statistics pass then runs the
-    # whole float layer, and its outputs feed the next one
+    # whole float layer, and its outputs feed the next one. It is then the layer's last pass
+    # unless a wrapped algorithm reads the inputs again: each output replaces its input.
     outputs = [] if getattr(config, "feeds_float_outputs", False) else None
-    stats = input_stats(block, names, getattr(config, "max_tokens", 4096), outputs=outputs)
+    inner = config.base
+    last_pass = outputs is not None and not block.inputs_needed and not (isinstance(inner, AlgorithmConfig) and inner.needs_calibration)
+    stats = input_stats(block, names, getattr(config, "max_tokens", 4096), outputs=outputs, release_inputs=last_pass)
     act_scales: dict = {}
     notes: dict = {}
     with torch.no_grad():
@@ -145,7 +148,6 @@ def scale_then_round(block, names, config: AlgorithmConfig, choose_scale, label:
                 a1 = a if a is not None else torch.ones(lin.in_features)
                 x = stats[n]["sample"][:CLIP_TOKENS] / a1
                 lin.weight.copy_((search_clip(lin.weight.float() * a1, x, base) / a1).to(lin.weight.dtype))
-    inner = config.base
     results = get_algorithm(inner)(block, names, inner, act_scales) if isinstance(inner, AlgorithmConfig) else round_to_nearest(block, names, base, act_scales)
     if outputs is not None:
         block.outputs = outputs

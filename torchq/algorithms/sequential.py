@@ -63,16 +63,27 @@ class Block:
     sequential: bool = True  # outputs feed a next block (decoder layers)
     meta: dict = field(default_factory=dict)
     outputs: Optional[list] = None  # the next layer's inputs, set by an algorithm whose last pass computed them
+    inputs_needed: bool = True  # False while the last config group of a decoder layer runs (see run)
 
     def full_name(self, local: str) -> str:
         return f"{self.prefix}.{local}" if self.prefix else local
 
-    def run(self, hooks: Optional[Mapping[str, Callable[[str, torch.Tensor], None]]] = None, keep: bool = True):
+    def run(
+        self, hooks: Optional[Mapping[str, Callable[[str, torch.Tensor], None]]] = None, keep: bool = True,
+        release_inputs: bool = False,
+    ):
         """Run the module on every input; ``hooks[name](name, x)`` sees each target linear's
         input. Returns the outputs (first element of tuple outputs) if ``keep``; without
         ``keep``, a decoder layer's run (``sequential``: each linear called once) stops as soon
         as every hooked linear has seen its input (the Hessian of q/k/v needs the layer's first
-        norm only, not its MLP). A plain module runs whole: it may call a linear twice."""
+        norm only, not its MLP). A plain module runs whole: it may call a linear twice.
+
+        ``release_inputs``: drop each item's hidden states (its first argument) once it has
+        run, so the outputs replace them in memory instead of adding to them. Only for the
+        last pass over a decoder layer (:attr:`inputs_needed` False): the next layer's inputs
+        are built from the outputs and the other arguments (positions, masks), which stay."""
+        if release_inputs and (self.inputs_needed or not self.sequential):
+            raise RuntimeError("release_inputs: this block's inputs are still needed (not its last pass)")
         hooks = dict(hooks or {})
         seen: set[str] = set()
 
@@ -89,7 +100,9 @@ class Block:
         outs = []
         try:
             with torch.inference_mode():
-                for args, kwargs in self.inputs:
+                for i, (args, kwargs) in enumerate(self.inputs):
+                    if release_inputs:
+                        self.inputs[i] = ((None,) + tuple(args[1:]), kwargs)
                     seen.clear()
                     try:
                         out = _first(self.module(*args, **kwargs))
@@ -166,9 +179,11 @@ def process_block(block: Block, configs: Mapping[str, AlgorithmConfig]) -> dict[
     by_config: dict[AlgorithmConfig, list[str]] = {}
     for local in block.linears:
         by_config.setdefault(configs[block.full_name(local)], []).append(local)
-    for cfg, names in by_config.items():
+    for i, (cfg, names) in enumerate(by_config.items()):
         block.outputs = None  # outputs computed before this group's rounding are stale
+        block.inputs_needed = not (block.sequential and i == len(by_config) - 1)
         results.update(get_algorithm(cfg)(block, names, cfg, {}))
+    block.inputs_needed = True
     for local, (qweight, _) in results.items():
         block.linears[local].weight = nn.Parameter(qweight, requires_grad=False)
     return results
@@ -243,6 +258,7 @@ def calibrate(
             outs = block.outputs if block.outputs is not None else block.run()
             block.outputs = None
             inputs = [((out,) + tuple(args[1:]), kwargs) for out, (args, kwargs) in zip(outs, inputs)]
+            del outs  # the next layer's inputs hold them (and may release them)
             if float_inputs is not None:
                 float_inputs = [
                     ((out,) + tuple(args[1:]), kwargs) for out, (args, kwargs) in zip(meta["float_targets"], float_inputs)

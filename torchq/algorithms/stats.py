@@ -145,12 +145,15 @@ def _means(sums: dict[str, HessianSum]) -> dict[str, torch.Tensor]:
     return {n: done[id(acc)] for n, acc in sums.items()}
 
 
-def input_stats(block, names: list[str], max_tokens: int = 4096, seed: int = 0, outputs: Optional[list] = None) -> dict[str, dict]:
+def input_stats(
+    block, names: list[str], max_tokens: int = 4096, seed: int = 0, outputs: Optional[list] = None,
+    release_inputs: bool = False,
+) -> dict[str, dict]:
     """Per linear: ``mean_abs`` and ``amax`` (K,) of its input, and ``sample``: up to
     ``max_tokens`` input rows drawn evenly from every calibration item. Linears reading one
     input tensor (q/k/v, gate/up) share its statistics and its sample (computed once).
     ``outputs``: a list to receive the block's outputs (it then runs whole, not only up to
-    its last target linear)."""
+    its last target linear); ``release_inputs``: see :meth:`~.sequential.Block.run`."""
     per_item = max(1, max_tokens // max(1, len(block.inputs)))
     slots: dict[int, dict] = {}
     gen = torch.Generator().manual_seed(seed)
@@ -167,7 +170,7 @@ def input_stats(block, names: list[str], max_tokens: int = 4096, seed: int = 0, 
         st["rows"].append(x2[idx].clone())
 
     shared = _Shared(update)
-    outs = block.run({n: shared for n in names}, keep=outputs is not None)
+    outs = block.run({n: shared for n in names}, keep=outputs is not None, release_inputs=release_inputs)
     if outputs is not None:
         outputs.extend(outs)
     shared.release()
