@@ -101,7 +101,7 @@ class Block:
         try:
             with torch.inference_mode():
                 for i, (args, kwargs) in enumerate(self.inputs):
-                    if release_inputs:
+                    if release_inputs and args and isinstance(args[0], torch.Tensor):
                         self.inputs[i] = ((None,) + tuple(args[1:]), kwargs)
                     seen.clear()
                     try:
