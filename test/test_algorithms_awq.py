@@ -154,6 +154,26 @@ def test_last_pass_releases_each_input_as_it_runs():
     assert all(args[0] is None and len(args) == len(a0) and kw is k0 for (args, kw), (a0, k0) in zip(block.inputs, inputs))
 
 
+@pytest.mark.parametrize("gptq_part", [r".*self_attn\..*", r".*mlp\..*"])
+def test_awq_mixed_with_gptq_in_one_layer(gptq_part):
+    """AWQ on part of each layer, GPTQ (by override) on the rest: whichever runs first, the
+    float-fed AWQ pass releases the inputs only when it is the layer's last, so a GPTQ group
+    after it still reads them; the result matches the float model as closely as RTN."""
+    model, calib, held = tiny_llama()
+    ref_model, rtn_model = copy.deepcopy(model), copy.deepcopy(model)
+    report = torchq.quantize_(model, torchq.AWQ(INT4), calibration=calib, filter_fn=lambda m, n: n != "lm_head",
+                              overrides={gptq_part: torchq.GPTQ(INT4)})
+    torchq.quantize_(rtn_model, INT4, filter_fn=lambda m, n: n != "lm_head")
+    configs = {l.name: l.config for l in report.layers}
+    assert configs["model.layers.1.self_attn.q_proj"] == ("gptq" if "attn" in gptq_part else "awq")
+    assert configs["model.layers.1.mlp.down_proj"] == ("awq" if "attn" in gptq_part else "gptq")
+    with torch.no_grad():
+        ref = ref_model(held).logits
+        err = (model(held).logits - ref).pow(2).mean()
+        err_rtn = (rtn_model(held).logits - ref).pow(2).mean()
+    assert torch.isfinite(err) and err < 1.5 * err_rtn
+
+
 def test_awq_then_gptq_and_codebook():
     model, calib, held = tiny_llama()
     report = torchq.quantize_(model, torchq.AWQ(torchq.GPTQ(INT4)), calibration=calib, filter_fn=lambda m, n: n != "lm_head")
