@@ -107,7 +107,7 @@ def test_awq_model_keys_error_and_act_scale():
 def test_awq_next_inputs_feed_float_or_rounded_outputs(monkeypatch, next_inputs):
     """``next_inputs="float"``: every layer is calibrated on the float model's own inputs of
     that layer (its statistics pass's outputs, one pass per layer); ``"rounded"``: on the
-    rounded earlier layers' outputs. Same final function either way at layer 0."""
+    rounded earlier layers' outputs (layer 0 reads the model's own inputs either way)."""
     import torchq.algorithms.awq as awq_mod
 
     model, calib, held = tiny_llama(layers=3)
