@@ -108,12 +108,17 @@ class _Tok:
 
 
 def test_calibration_data_default_text_is_disjoint_from_eval_text():
-    from torchq.algorithms.data import calibration_text
+    from torchq.algorithms.data import calibration_text, pydoc_text
     from torchq.apps.eval import default_text
 
     calib = calibration_text()
     held = default_text(10**9)
     assert calib and held and calib[-2000:] not in held and held[:2000] not in calib
+    # pydoc repeats whole sections under several topics: no passage of the held-out text may
+    # be calibration text (before the paragraph filter, 76 of these 516 chunks were)
+    chunks = [held[i : i + 300] for i in range(0, len(held) - 300, 300)]
+    assert len(chunks) > 400 and not [c for c in chunks if c in calib]
+    assert len(calib) > 0.85 * len(pydoc_text()[0])  # only the repeated paragraphs go
     data = torchq.calibration_data(_Tok(), n_samples=16, seq_len=128)
     assert len(data) == 16 and all(d.shape == (1, 128) and d.dtype == torch.long for d in data)
     assert not torch.equal(data[0], data[1])

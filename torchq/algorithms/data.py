@@ -1,9 +1,12 @@
 """Calibration data: token windows for the algorithms that look at activations.
 
 Default text: the first two thirds of Python's ``pydoc_data.topics`` (topics joined in
-sorted key order, which is their stored order). :func:`torchq.apps.eval.default_text` scores
-on the last third, so calibration never sees evaluation text. Windows are spread evenly
-over the tokens (non-overlapping while the text is long enough; deterministic).
+sorted key order, :func:`pydoc_text`). :func:`torchq.apps.eval.default_text` scores on the
+last third. pydoc repeats whole sections under several topics (``specialnames`` holds
+``sequence-types``, ``numeric-types`` and others), so a paragraph of the first two thirds
+that also occurs in the last third is left out: calibration never sees evaluation text.
+Windows are spread evenly over the tokens (non-overlapping while the text is long enough;
+deterministic).
 """
 
 from __future__ import annotations
@@ -12,15 +15,26 @@ from typing import Iterable, Optional, Sequence, Union
 
 import torch
 
-__all__ = ["calibration_data", "calibration_text"]
+__all__ = ["calibration_data", "calibration_text", "pydoc_text"]
 
 
-def calibration_text() -> str:
-    """The first two thirds of ``pydoc_data.topics`` (the complement of the eval text)."""
+def pydoc_text() -> tuple[str, str]:
+    """``pydoc_data.topics`` joined by blank lines in sorted key order, split at two thirds:
+    (first two thirds, last third). The last third is the held-out evaluation text."""
     from pydoc_data.topics import topics
 
     full = "\n\n".join(topics[k] for k in sorted(topics))
-    return full[: 2 * len(full) // 3]
+    cut = 2 * len(full) // 3
+    return full[:cut], full[cut:]
+
+
+def calibration_text() -> str:
+    """The first two thirds of the pydoc topics without the paragraphs that also occur in
+    the last third (pydoc repeats sections across topics; about a quarter of the default
+    evaluation text would otherwise be calibration text too)."""
+    head, held = pydoc_text()
+    kept = [p for p in head.split("\n\n") if p.strip() not in held]
+    return "\n\n".join(kept)
 
 
 def _encode(tokenizer, text: str) -> torch.Tensor:

@@ -49,11 +49,11 @@ DEFAULT_MAX_CHARS = 60_000
 
 
 def default_text(max_chars: int = DEFAULT_MAX_CHARS) -> str:
-    """The held-out English text: last third of ``pydoc_data.topics``, first ``max_chars``."""
-    from pydoc_data.topics import topics
+    """The held-out English text: last third of ``pydoc_data.topics`` (sorted key order,
+    :func:`torchq.algorithms.data.pydoc_text`), first ``max_chars``."""
+    from torchq.algorithms.data import pydoc_text
 
-    full = "\n\n".join(topics.values())
-    return full[2 * len(full) // 3 :][:max_chars]
+    return pydoc_text()[1][:max_chars]
 
 
 def load_text(source: Optional[str] = None, max_chars: Optional[int] = DEFAULT_MAX_CHARS) -> str:
