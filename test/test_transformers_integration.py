@@ -308,6 +308,21 @@ def test_loading_without_torchq_fails_loudly(saved_dir):
     assert "Unknown quantization type, got torchq" in out
 
 
+def test_too_old_transformers_is_refused_with_the_fix(monkeypatch, saved_dir):
+    """transformers < 5.21 cannot reload torchq checkpoints (its loader hands the converter
+    only the guard tensor): using the integration there names the version and the fix
+    instead of failing later on 'missing inner tensors'."""
+    from torchq.integrations import transformers as integration
+
+    integration.check_transformers_version("5.21.0")
+    integration.check_transformers_version(transformers.__version__)
+    with pytest.raises(ImportError, match=r"transformers>=5\.21,<6, found 5\.20\.2.*pip install -U"):
+        integration.check_transformers_version("5.20.2")
+    monkeypatch.setattr(integration, "_transformers_version", lambda: "5.17.0")
+    with pytest.raises(ImportError, match="found 5.17.0"):
+        AutoModelForCausalLM.from_pretrained(saved_dir)
+
+
 def test_import_torchq_registers_lazily_and_loads(saved_dir):
     proc = _run(f"""
         import sys, torch

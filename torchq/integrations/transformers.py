@@ -68,6 +68,30 @@ __all__ = ["TorchqConfig", "TorchqHfQuantizer", "QUANT_METHOD", "mark_quantized"
 logger = logging.getLogger("torchq")
 
 QUANT_METHOD = "torchq"
+# transformers releases before 5.21 hand a quantizer's weight converter only the guard
+# tensor of a torchq checkpoint, not its inner tensors: reloads fail (measured: 5.17, 5.20.2
+# fail; 5.21.0 .. 5.24.0 pass test_transformers_integration). pyproject.toml pins the same.
+MIN_TRANSFORMERS = "5.21"
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def check_transformers_version(version: str) -> None:
+    """Raise a clear error when transformers ``version`` is too old for this integration."""
+    from packaging.version import Version
+
+    if Version(version) < Version(MIN_TRANSFORMERS):
+        raise ImportError(
+            f"torchq's transformers integration needs transformers>={MIN_TRANSFORMERS},<6, found {version}: "
+            "older releases pass quantized checkpoints' tensors to the loader differently and torchq "
+            f"checkpoints would not reload. Fix: pip install -U 'transformers>={MIN_TRANSFORMERS},<6'"
+        )
+
+
 #: Content of the guard tensor stored under each quantized weight's own key.
 GUARD_BYTES = b"torchq"
 
@@ -199,6 +223,7 @@ class TorchqHfQuantizer(HfQuantizer):
     quantization_config: TorchqConfig
 
     def __init__(self, quantization_config: TorchqConfig, **kwargs):
+        check_transformers_version(_transformers_version())
         super().__init__(quantization_config, **kwargs)
         self.plan: dict[str, QuantConfig] = {}  # param name -> config (quantize-while-loading)
         self.notes: dict[str, str] = {}  # param name -> report note
