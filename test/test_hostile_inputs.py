@@ -430,6 +430,23 @@ def test_damaged_gguf_raises_checkpoint_error(tmp_path, data):
 
 
 # ---------------------------------------------------------------------- fault injection: the build
+def test_fresh_build_self_test_passes_here_and_refuses_a_broken_library(tmp_path):
+    """Every fresh build is loaded in a child process that formats an error message. This
+    host's build passes; a library the child cannot use (here: not a library at all; seen on
+    a CUDA image: a compiler linking libstdc++ statically, whose kernels crashed on every
+    error message) is deleted and refused with the compiler named and the fix."""
+    from torchq.kernels import cpu_ext
+
+    cpu_ext.load()
+    name = f"torchq_cpu_{cpu_ext._build_key()}"
+    cpu_ext.check_library(cpu_ext._build_dir(name) / f"{name}.so")
+    junk = tmp_path / "junk.so"
+    junk.write_bytes(b"\x7fELF but not a shared library")
+    with pytest.raises(RuntimeError, match=r"CXX=\S+ fail their self-test \(exit status 1\).*Fix: .*CXX=g\+\+"):
+        cpu_ext.check_library(junk)
+    assert not junk.exists()
+
+
 @pytest.mark.parametrize("fault", ["no_compiler", "broken_cache_dir"])
 def test_kernel_build_failure_falls_back_to_references_with_one_warning(tmp_path, fault):
     """A fresh process whose kernel build cannot succeed (no C++ compiler; a cache directory

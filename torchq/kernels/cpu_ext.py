@@ -17,7 +17,10 @@ tile-data permission (``arch_prctl(ARCH_REQ_XCOMP_PERM)``), so it can never SIGI
 :func:`force_isa` does the same in a ``with`` block. ``TORCHQ_TUNE=name=value,...`` sets kernel tunables at load (:func:`apply_tunables`);
 ``TORCHQ_SANITIZE=1`` builds (and caches separately) an AddressSanitizer/UBSan extension.
 If the build fails, torchq warns once and the reference kernels are used
-(:func:`available` returns False).
+(:func:`available` returns False). A fresh build must also pass :func:`check_library` (it
+formats an error message in a child process): a compiler that links its own copy of the
+C++ runtime builds kernels that crash or garble messages under PyTorch's, and that counts
+as a failed build.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import subprocess
 import sys
 import threading
 import warnings
@@ -101,11 +105,42 @@ def _load() -> None:
             is_python_module=False,
             verbose=bool(os.environ.get("TORCHQ_BUILD_VERBOSE")),
         )
+        check_library(lib)
     for hook in _AFTER_LOAD:
         hook()
 
 
 _AFTER_LOAD: list = []
+
+# Loads a built library in a fresh interpreter and has it format an integer into an error
+# message (TORCH_CHECK -> c10::str -> std::ostream).
+_SELF_TEST = """
+import sys, torch
+torch.ops.load_library(sys.argv[1])
+try:
+    torch.ops.torchq._set_isa(987654)
+except RuntimeError as e:
+    print("987654" in str(e))
+"""
+
+
+def check_library(lib: Path) -> None:
+    """Raise (and delete ``lib``) unless the freshly built library formats its error
+    messages. Seen on a CUDA image whose ``CXX`` was a gcc that links libstdc++ statically:
+    the library carried a private copy of the C++ streams, and every kernel error message
+    crashed the process (a static libstdc++ here drops the numbers instead). Run in a
+    child process because the failure can be a crash."""
+    r = subprocess.run([sys.executable, "-c", _SELF_TEST, str(lib)], capture_output=True, text=True, timeout=600)
+    if r.returncode == 0 and r.stdout.strip() == "True":
+        return
+    lib.unlink(missing_ok=True)  # a later process with a fixed compiler rebuilds
+    what = f"exit status {r.returncode}" if r.returncode else "its error messages lose their numbers"
+    raise RuntimeError(
+        f"the C++ kernels built with CXX={os.environ.get('CXX', 'c++')} fail their self-test ({what}): that "
+        "compiler's C++ runtime does not match the one PyTorch loaded (e.g. it links libstdc++ statically). "
+        "Fix: build with the system compiler, e.g. CXX=g++ (or unset CXX)."
+        + (f" Self-test output: {r.stderr.strip()[-300:]}" if r.returncode else "")
+    )
 
 
 def after_load(hook) -> None:
