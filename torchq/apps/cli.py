@@ -84,7 +84,8 @@ def _add_algo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--algo", choices=tuple(ALGORITHM_NAMES), default="rtn",
                    help="calibration algorithm wrapping --scheme (default rtn: round to nearest)")
     p.add_argument("--calib-samples", type=int, default=128, metavar="N",
-                   help="calibration windows (default 128; text: the first two thirds of the pydoc topics)")
+                   help="calibration windows (default 128; text: the first two thirds of the pydoc topics, "
+                        "minus paragraphs repeated in the eval third)")
     p.add_argument("--calib-seq-len", type=int, default=512, metavar="T", help="tokens per calibration window (default 512)")
 
 
