@@ -41,6 +41,7 @@ __all__ = [
     "available",
     "load",
     "build_error",
+    "check_library",
     "ISAS",
     "supported_isas",
     "current_isa",
