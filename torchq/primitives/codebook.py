@@ -27,7 +27,9 @@ FP4) picks between them by the sign of the input, as bitsandbytes' CUDA kernel d
 (sign bit from ``x < 0``): a value that rounds to zero is ``+0`` if ``x >= 0``, else
 ``-0``. (bitsandbytes' CPU quantizer breaks this tie with an ``argsort`` over the two
 equal zeros, so its choice depends on the sort implementation of the machine; the
-dequantized values are the same either way.)
+dequantized values are the same either way.) The ``-0`` code dequantizes to ``-0`` on every
+CPU; bitsandbytes' own CPU dequantizer gives ``-0`` on AVX2 but ``+0`` from its AVX-512
+kernel, equal by value.
 
 Double quantization (QLoRA "compress statistics"): the fp32 block scales of a tensor,
 flattened row-major, minus their mean, are quantized in blocks of 256 with bitsandbytes'
