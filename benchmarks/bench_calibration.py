@@ -43,6 +43,8 @@ METHODS = {
     "awq_gptq": lambda base: __import__("torchq").AWQ(__import__("torchq").GPTQ(base)),
     "autoround": lambda base: __import__("torchq").AutoRound(base),
     "autoround_light": lambda base: __import__("torchq").AutoRound(base, preset="light"),
+    "autoround_bf16": lambda base: __import__("torchq").AutoRound(base, compute_dtype="bfloat16"),
+    "autoround_light_bf16": lambda base: __import__("torchq").AutoRound(base, preset="light", compute_dtype="bfloat16"),
     "smoothquant": lambda base: __import__("torchq").SmoothQuant(base),
 }
 

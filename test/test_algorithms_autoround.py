@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -145,3 +146,48 @@ def test_decoder_layer_steps_run_as_one_batch_with_the_same_losses():
         runs[batched] = autoround_block(block, names, cfg, batch_items=batched)[1]
     assert _batchable([(a, k, t) for (a, k), t in zip(inputs, Block(layer, inputs, {}).run())])
     torch.testing.assert_close(torch.tensor(runs[True]), torch.tensor(runs[False]), rtol=1e-4, atol=1e-7)
+
+
+def test_bf16_compute_runs_the_layer_in_bf16_and_still_learns(monkeypatch):
+    """compute_dtype="bfloat16": a decoder layer's products run in bf16 (autocast), the
+    losses stay close to the fp32 ones without being equal, and the loss still goes down."""
+    from torchq.algorithms import autoround as ar
+    from torchq.algorithms.sequential import capture_layer_inputs
+
+    monkeypatch.setattr(ar, "_native_bf16", lambda: True)  # no warning on CPUs without it
+    model, calib, _ = tiny_llama(layers=1)
+    layer = model.model.layers[0]
+    names = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
+    inputs = capture_layer_inputs(model, layer, calib)
+    runs, dtypes = {}, {}
+    for compute in ("float32", "bfloat16"):
+        module = copy.deepcopy(layer)
+        seen = []
+        module.self_attn.q_proj.register_forward_hook(lambda m, a, o: seen.append(o.dtype))
+        block = Block(module, inputs, {n: module.get_submodule(n) for n in names})
+        cfg = torchq.AutoRound(torchq.int4_weight_only(group_size=32), iters=30, batch_size=3, compute_dtype=compute)
+        results, runs[compute] = autoround_block(block, names, cfg)
+        dtypes[compute] = seen.count(torch.bfloat16)
+        assert all(t.dtype == torch.float32 for t, _ in results.values())
+    assert dtypes == {"float32": 0, "bfloat16": 30}  # every step's one batched forward
+    fp32, bf16 = torch.tensor(runs["float32"]), torch.tensor(runs["bfloat16"])
+    torch.testing.assert_close(bf16[0], fp32[0], rtol=0.05, atol=0)
+    assert not torch.equal(bf16, fp32)
+    assert bf16.min() < 0.9 * bf16[0], (bf16[0], bf16.min())
+
+
+def test_bf16_compute_warns_where_the_cpu_has_no_bf16_dot_product(monkeypatch):
+    from torchq.algorithms import autoround as ar
+
+    model, block, cfg, _ = _toy_block(torchq.int4_weight_only(group_size=32), iters=2)
+    cfg = torchq.AutoRound(cfg.base, iters=2, batch_size=4, compute_dtype="bfloat16")
+    monkeypatch.setattr(ar, "_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="without a bf16 dot product.*compute_dtype='float32'"):
+        autoround_block(block, ["0", "2"], cfg)
+    monkeypatch.setattr(ar, "_native_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        autoround_block(block, ["0", "2"], cfg)
+    with pytest.raises(ValueError, match="compute_dtype must be one of float32, bfloat16"):
+        torchq.AutoRound(cfg.base, compute_dtype="float16")
+    assert torchq.AutoRound(cfg.base).compute_dtype == "float32"

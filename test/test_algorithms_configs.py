@@ -23,6 +23,7 @@ ALGOS = [
     torchq.AWQ(torchq.GPTQ(INT4)),
     torchq.AutoRound(torchq.int4_weight_only(group_size=128), iters=200),
     torchq.AutoRound(INT4, preset="light"),
+    torchq.AutoRound(INT4, preset="light", compute_dtype="bfloat16"),
     torchq.HQQ(INT4),
     torchq.SmoothQuant(torchq.int8_dynamic_activation_int8_weight(), alpha=0.5),
     torchq.SmoothQuant(torchq.int8_dynamic_activation_int8_weight(), alpha="auto"),
@@ -246,3 +247,13 @@ def test_torchq_config_quantizes_hqq_while_loading_and_refuses_gptq(tmp_path):
     # transformers reports our "needs calibration data" error per weight, then raises its own
     with pytest.raises((ValueError, RuntimeError)):
         AutoModelForCausalLM.from_pretrained(tmp_path / "f", quantization_config=torchq.TorchqConfig(torchq.GPTQ(INT4)))
+
+
+def test_cli_algorithm_names_build_their_configs():
+    from torchq.algorithms.names import ALGORITHM_NAMES, with_algorithm
+
+    for name in ALGORITHM_NAMES:
+        cfg = with_algorithm(name, torchq.int8_dynamic_activation_int8_weight() if name == "smoothquant" else INT4)
+        assert config_from_json(cfg.to_json()) == cfg
+    assert with_algorithm("autoround-light-bf16", INT4) == torchq.AutoRound(INT4, preset="light", compute_dtype="bfloat16")
+    assert with_algorithm("autoround-bf16", INT4).compute_dtype == "bfloat16"

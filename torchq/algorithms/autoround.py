@@ -17,7 +17,9 @@ earlier ones left; ``"block"``: to the float layer's output on the rounded input
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 
 import torch
 from torch.func import functional_call
@@ -155,6 +157,27 @@ def _batchable(items) -> bool:
     return True
 
 
+def _native_bf16() -> bool:
+    """Whether this CPU has a bf16 dot product (AVX512-BF16 or AMX), as the kernels see it."""
+    from torchq.kernels import cpu_ext
+
+    return cpu_ext.available() and bool(torch.ops.torchq._native_bf16())
+
+
+def _compute_context(compute_dtype: str):
+    """The autocast the layer's forward (and so its backward) runs under; a warning where
+    bf16 would be emulated (no AVX512-BF16 / AMX dot product), which is slower than fp32."""
+    if compute_dtype == "float32":
+        return contextlib.nullcontext()
+    if not _native_bf16():
+        warnings.warn(
+            "AutoRound compute_dtype='bfloat16' on a CPU without a bf16 dot product (AVX512-BF16 or AMX): "
+            "bf16 products are emulated here and run slower than float32; use compute_dtype='float32'",
+            stacklevel=3,
+        )
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
 def autoround_block(block, names, config: AlgorithmConfig, act_scales=None, generator=None, batch_items: bool = True):
     """Learn the rounding of ``names`` in ``block``; returns ``(results, losses)`` with the
     loss of every step (for tests and logs). ``batch_items``: run a step's items as one
@@ -177,6 +200,7 @@ def autoround_block(block, names, config: AlgorithmConfig, act_scales=None, gene
     frozen = [p for p in block.module.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
+    compute = _compute_context(getattr(config, "compute_dtype", "float32"))
     gen = generator or torch.Generator().manual_seed(0)
     lr0 = config.learning_rate
     best_loss, best_state, losses = math.inf, None, []
@@ -187,14 +211,16 @@ def autoround_block(block, names, config: AlgorithmConfig, act_scales=None, gene
             if batched:  # the mean over the batch = the mean of the items' means (equal sizes)
                 args0, kwargs0, _ = items[0]
                 x = torch.cat([items[i][0][0] for i in pick])
-                out = _first(functional_call(block.module, weights, (x,) + tuple(args0[1:]), kwargs0))
+                with compute:
+                    out = _first(functional_call(block.module, weights, (x,) + tuple(args0[1:]), kwargs0))
                 target = torch.cat([items[i][2] for i in pick])
                 loss = torch.nn.functional.mse_loss(out.float(), target.float())
             else:
                 loss = 0.0
                 for i in pick:
                     args, kwargs, target = items[i]
-                    out = _first(functional_call(block.module, weights, args, kwargs))
+                    with compute:
+                        out = _first(functional_call(block.module, weights, args, kwargs))
                     loss = loss + torch.nn.functional.mse_loss(out.float(), target.float())
                 loss = loss / len(pick)
             for p in params:

@@ -18,6 +18,9 @@ ALGORITHM_NAMES: dict[str, Callable[[QuantConfig], QuantConfig]] = {
     "hqq": HQQ,
     "autoround": AutoRound,
     "autoround-light": lambda base: AutoRound(base, preset="light"),
+    # bf16 products in the tuning (as auto-round on CPU): faster where the CPU has AVX512-BF16 / AMX
+    "autoround-bf16": lambda base: AutoRound(base, compute_dtype="bfloat16"),
+    "autoround-light-bf16": lambda base: AutoRound(base, preset="light", compute_dtype="bfloat16"),
     "smoothquant": SmoothQuant,
 }
 
