@@ -13,6 +13,8 @@ parameters are frozen meanwhile. ``target="float"`` (default, as auto-round): a 
 layer reads the rounded layers' outputs but is fitted to the float model's own output of
 that layer (the driver carries both streams), so each layer also corrects the error the
 earlier ones left; ``"block"``: to the float layer's output on the rounded inputs.
+``compute_dtype="bfloat16"``: the layer's forward and backward run under bf16 autocast (the
+parameters, targets and loss stay fp32), as auto-round runs on CPU.
 """
 
 from __future__ import annotations
