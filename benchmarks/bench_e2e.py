@@ -110,6 +110,16 @@ def prepare(log=print) -> dict[str, str]:
 
 # ---------------------------------------------------------------------- workers (children)
 def _peak_rss_mb() -> float:
+    """This process's peak resident size: VmHWM, the high-water mark of its own memory map.
+    (``ru_maxrss`` survives ``execve`` on Linux, so a worker would report the parent's peak
+    when the parent was larger at fork time.)"""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
