@@ -349,12 +349,26 @@ def targets(records: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def _command_line(argv: list[str]) -> str:
+    """The command that produced a table, without ``--json PATH`` (a local file)."""
+    kept, skip = [], False
+    for a in argv:
+        if skip or a.startswith("--json="):
+            skip = False
+            continue
+        if a == "--json":
+            skip = True
+            continue
+        kept.append(a)
+    return " ".join(["python benchmarks/bench_e2e.py"] + kept)
+
+
 def markdown(res: dict[str, Any]) -> str:
     kind, title = _common().cpu_kind(res["machine"])
     lines = [f"#### {title}", "", _common().machine_summary(res["machine"]), "",
              f"SmolLM2-135M-Instruct, prompt {PROMPT} tokens, {STEPS} greedy steps per decode figure "
              f"(median step), best of {res.get('rounds', 1)} interleaved rounds; llama-cpp-python {res.get('llama_cpp') or 'not installed'}; "
-             "`python benchmarks/bench_e2e.py --background-load`.", "", table(res["records"]), ""]
+             f"`{res.get('command', 'python benchmarks/bench_e2e.py')}`.", "", table(res["records"]), ""]
     lines += [f"- {t}" for t in res["targets"]] or ["- llama.cpp not installed: no llama.cpp rows"]
     lines += ["", "Peak RSS includes what the process holds before loading the model (in parentheses): "
               "torch + transformers for torchq, the interpreter for llama-cpp-python, whose own peak includes its "
@@ -416,7 +430,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     b["peak_rss_mb"] = max(b["peak_rss_mb"], r["peak_rss_mb"])
     records = list(best.values())
     res = {"machine": _common().machine_info(), "records": records, "llama_cpp": _llamacpp_version(),
-           "rounds": args.rounds}
+           "rounds": args.rounds,
+           "command": _command_line(argv if argv is not None else sys.argv[1:])}
     res["targets"] = targets(records)
     print()
     print(markdown(res))
