@@ -123,8 +123,11 @@ def run_one(args) -> dict:
         model = _autoround_peer(model, tok, args, row)
     elif args.one != "float":
         cfg = METHODS[args.one](base_config(args.scheme, args.group_size))
-        if args.autoround_iters is not None and isinstance(cfg, torchq.AutoRoundConfig):
-            cfg = dataclasses.replace(cfg, iters=args.autoround_iters)
+        if isinstance(cfg, torchq.AutoRoundConfig):
+            if args.autoround_iters is not None:
+                cfg = dataclasses.replace(cfg, iters=args.autoround_iters)
+            if args.seed is not None:
+                cfg = dataclasses.replace(cfg, seed=args.seed)
         calib = torchq.calibration_data(tok, n_samples=args.calib_samples, seq_len=args.seq_len)
         t0 = time.perf_counter()
         with RSSWatch() as watch:
@@ -155,12 +158,14 @@ def _autoround_peer(model, tok, args, row):
         raise SystemExit("autoround_peer compares int4 (W4 asymmetric) only")
     calib = [ids.reshape(1, -1) for ids in torchq.calibration_data(tok, n_samples=args.calib_samples, seq_len=args.seq_len)]
     iters = args.autoround_iters if args.autoround_iters is not None else torchq.AutoRound(base_config(args.scheme, args.group_size)).iters
-    row["peer"] = f"auto-round {auto_round.__version__}, iters={iters}"
+    seed = {} if args.seed is None else {"seed": args.seed}  # its default: 42
+    row["peer"] = f"auto-round {auto_round.__version__}, iters={iters}, seed={seed.get('seed', 42)}"
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
         ar = AutoRound(
             model, tok, bits=4, group_size=args.group_size, sym=False, iters=iters, nsamples=len(calib),
             seqlen=args.seq_len, batch_size=8, dataset=calib, enable_torch_compile=False, device_map="cpu",
+            **seed,
         )
         ar.quantize_and_save(out, format="auto_gptq")
         row["seconds"] = time.perf_counter() - t0
@@ -199,6 +204,8 @@ def main(argv=None) -> int:
     p.add_argument("--windows", type=int, default=24)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--autoround-iters", type=int, default=None, help="AutoRound iterations (ours and the peer's; default: the config's)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="AutoRound's seed (ours: AutoRoundConfig.seed, default 0; the peer's: its seed, default 42)")
     p.add_argument("--paused-memory-fraction", type=float, default=None,
                    help="torchq.algorithms.paused_pass.MEMORY_FRACTION (0: every stage re-runs the layer, the lowest peak)")
     p.add_argument("--json", default=None, help="also write the rows here")

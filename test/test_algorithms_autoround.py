@@ -191,3 +191,20 @@ def test_bf16_compute_warns_where_the_cpu_has_no_bf16_dot_product(monkeypatch):
     with pytest.raises(ValueError, match="compute_dtype must be one of float32, bfloat16"):
         torchq.AutoRound(cfg.base, compute_dtype="float16")
     assert torchq.AutoRound(cfg.base).compute_dtype == "float32"
+
+
+def test_seed_draws_the_steps_items():
+    """``seed`` picks each step's calibration items: the same seed repeats the run exactly,
+    another seed takes another path; 0 is the default; a bad seed raises."""
+    base = torchq.int4_weight_only(group_size=32)
+    runs = {}
+    for seed in (None, 0, 3, 3):
+        model, block, _, _ = _toy_block(base)
+        cfg = torchq.AutoRound(base, iters=12, batch_size=2) if seed is None else torchq.AutoRound(base, iters=12, batch_size=2, seed=seed)
+        runs.setdefault(seed, []).append(autoround_block(block, ["0", "2"], cfg)[1])
+    assert runs[None][0] == runs[0][0]
+    assert runs[3][0] == runs[3][1]
+    assert runs[3][0] != runs[0][0]
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="seed must be a non-negative int"):
+            torchq.AutoRound(base, seed=bad)

@@ -24,6 +24,7 @@ ALGOS = [
     torchq.AutoRound(torchq.int4_weight_only(group_size=128), iters=200),
     torchq.AutoRound(INT4, preset="light"),
     torchq.AutoRound(INT4, preset="light", compute_dtype="bfloat16"),
+    torchq.AutoRound(INT4, iters=50, seed=7),
     torchq.HQQ(INT4),
     torchq.SmoothQuant(torchq.int8_dynamic_activation_int8_weight(), alpha=0.5),
     torchq.SmoothQuant(torchq.int8_dynamic_activation_int8_weight(), alpha="auto"),

@@ -7,7 +7,8 @@ offsets ``V`` in [-0.5, 0.5] (added before rounding) and per-group range factors
 codebook grids). Rounding goes through a straight-through estimator. The loss is the MSE
 between the block's output with fake-quantized weights and the float block's output on
 the same inputs; SignSGD steps with a linearly decaying learning rate (``1 / iters`` by
-default), ``batch_size`` calibration items per step (cut to ``seqlen`` tokens if set), and
+default), ``batch_size`` calibration items per step (cut to ``seqlen`` tokens if set; drawn
+by a generator seeded with ``config.seed`` in every block), and
 the parameters of the best step are kept. Autograd runs on CPU; the block's own
 parameters are frozen meanwhile. ``target="float"`` (default, as auto-round): a decoder
 layer reads the rounded layers' outputs but is fitted to the float model's own output of
@@ -203,7 +204,7 @@ def autoround_block(block, names, config: AlgorithmConfig, act_scales=None, gene
     for p in frozen:
         p.requires_grad_(False)
     compute = _compute_context(getattr(config, "compute_dtype", "float32"))
-    gen = generator or torch.Generator().manual_seed(0)
+    gen = generator or torch.Generator().manual_seed(getattr(config, "seed", 0))
     lr0 = config.learning_rate
     best_loss, best_state, losses = math.inf, None, []
     try:

@@ -257,7 +257,10 @@ class AutoRoundConfig(AlgorithmConfig):
     run under bf16 autocast (as auto-round's default ``amp`` on CPU); the fake-quantized
     weights, the learned parameters, the targets and the loss stay fp32. 1.4-1.5x faster on
     SmolLM2 where the CPU has a bf16 dot product (AVX512-BF16, AMX); elsewhere slower, with a
-    warning. Not the default: the default keeps the float model's precision."""
+    warning. Not the default: the default keeps the float model's precision. ``seed``: the
+    draw of each step's calibration items (every block starts from it). SignSGD follows
+    only gradient signs, so the seed moves the result about as much as a CPU's summation
+    order does: compare AutoRound runs over several seeds."""
 
     type_name: ClassVar[str] = "autoround"
     iters: int = 200
@@ -267,9 +270,12 @@ class AutoRoundConfig(AlgorithmConfig):
     preset: str = "default"
     target: str = "float"
     compute_dtype: str = "float32"
+    seed: int = 0
 
     def _check_fields(self) -> None:
         _positive("iters", self.iters, integer=True)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
         _positive("batch_size", self.batch_size, integer=True)
         if self.lr is not None:
             _positive("lr", self.lr)
