@@ -233,3 +233,42 @@ def test_a_finished_pass_holds_no_input_without_a_garbage_collection():
         assert len(outs) == 3 and all(r() is None for r in refs)
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("max_bytes", [None, 0])
+def test_finish_can_release_each_input_once_its_output_exists(max_bytes):
+    """The last pass over a decoder layer: each item's hidden states leave ``block.inputs``
+    right after its output is computed (paused items and re-run ones), the other
+    arguments stay, and the outputs are those of a pass that keeps them. Refused while the
+    inputs are still needed."""
+    import weakref
+
+    def run(release):
+        torch.manual_seed(0)
+        block = _chain_block(_Chain(), [1.0, -1.0, 2.0])
+        block.inputs = [((args[0], "extra"), kwargs) for args, kwargs in block.inputs]
+        block.module.forward = lambda x, extra, _f=block.module.forward: _f(x)
+        block.inputs_needed = not release
+        refs = [weakref.ref(args[0]) for args, _ in block.inputs]
+        alive_at_call = []
+        block.module.c.register_forward_hook(lambda m, a, o: alive_at_call.append(sum(r() is not None for r in refs)))
+        with PausedPass(block, [["a"], ["b"], ["c"]], max_bytes=max_bytes) as paused:
+            for j in range(3):
+                paused.gather(j, lambda x: None)
+            outs = paused.finish(release_inputs=release)
+        return block, outs, refs, alive_at_call
+
+    kept_block, kept, _, _ = run(False)
+    block, outs, refs, alive = run(True)
+    for a, b in zip(outs, kept):
+        assert torch.equal(a, b)
+    assert [args for args, _ in block.inputs] == [(None, "extra")] * 3
+    gc.collect()
+    assert all(r() is None for r in refs)
+    if max_bytes == 0:  # re-run items: item i's input is gone before item i + 1 runs
+        assert alive[-3:] == [3, 2, 1]
+    with pytest.raises(RuntimeError, match="still needed"):
+        with PausedPass(kept_block, [["a"], ["b"], ["c"]]) as paused:
+            for j in range(3):
+                paused.gather(j, lambda x: None)
+            paused.finish(release_inputs=True)

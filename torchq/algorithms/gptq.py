@@ -180,7 +180,7 @@ def _process(block, names, config, act_scales):
             add, result = stage_hessians(stage, act_scales)
             paused.gather(j, add)
             out.update(_set(block, _round_stage(block, stage, config, act_scales, result())))
-        block.outputs = paused.finish()
+        block.outputs = paused.finish(release_inputs=not block.inputs_needed)
     return out
 
 

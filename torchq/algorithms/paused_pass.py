@@ -130,7 +130,7 @@ class PausedPass:
     """
 
     def __init__(self, block, stages: list[list[str]], max_bytes: Optional[int] = None):
-        self.module = block.module
+        self.block, self.module = block, block.module
         self.stages = [list(names) for names in stages]
         self.stage_of = {name: j for j, names in enumerate(stages) for name in names}
         self.linears = {name: block.linears[name] for names in stages for name in names}
@@ -214,13 +214,28 @@ class PausedPass:
             for h in handles:
                 h.remove()
 
-    def finish(self) -> list:
-        """Run every item to its end; the outputs in item order."""
+    def finish(self, release_inputs: bool = False) -> list:
+        """Run every item to its end; the outputs in item order. ``release_inputs`` (the last
+        pass over a decoder layer only, :meth:`~.sequential.Block.check_release`): each item's
+        hidden states leave ``block.inputs`` as soon as its output exists, so the outputs
+        replace the inputs in memory instead of adding one more layer's activations."""
+        if release_inputs:
+            self.block.check_release()
         self.next_stage = len(self.stages) + 1  # any stage an item has not passed is now an error
+        outs = []
         for item in self.items:
             if item.state != "done":
                 self._advance(item)
-        outs = [item.output for item in self.items]
+            outs.append(item.output)
+            if release_inputs:
+                item.args = item.output = None
+                self.block.release_input(item.index)
+        rerun, self.rerun = self.rerun, []
         with torch.inference_mode():
-            outs += [_first(self.module(*args, **kwargs)) for args, kwargs in self.rerun]
+            for j in range(len(rerun)):
+                (args, kwargs), rerun[j] = rerun[j], None
+                if release_inputs:
+                    self.block.release_input(self.n_paused + j)
+                outs.append(_first(self.module(*args, **kwargs)))
+                del args
         return outs

@@ -82,8 +82,8 @@ class Block:
         run, so the outputs replace them in memory instead of adding to them. Only for the
         last pass over a decoder layer (:attr:`inputs_needed` False): the next layer's inputs
         are built from the outputs and the other arguments (positions, masks), which stay."""
-        if release_inputs and (self.inputs_needed or not self.sequential):
-            raise RuntimeError("release_inputs: this block's inputs are still needed (not its last pass)")
+        if release_inputs:
+            self.check_release()
         hooks = dict(hooks or {})
         seen: set[str] = set()
 
@@ -101,8 +101,8 @@ class Block:
         try:
             with torch.inference_mode():
                 for i, (args, kwargs) in enumerate(self.inputs):
-                    if release_inputs and args and isinstance(args[0], torch.Tensor):
-                        self.inputs[i] = ((None,) + tuple(args[1:]), kwargs)
+                    if release_inputs:
+                        self.release_input(i)
                     seen.clear()
                     try:
                         out = _first(self.module(*args, **kwargs))
@@ -114,6 +114,17 @@ class Block:
             for h in handles:
                 h.remove()
         return outs
+
+    def check_release(self) -> None:
+        """Raise unless this is the last pass over a decoder layer (see :meth:`run`)."""
+        if self.inputs_needed or not self.sequential:
+            raise RuntimeError("release_inputs: this block's inputs are still needed (not its last pass)")
+
+    def release_input(self, i: int) -> None:
+        """Drop item ``i``'s hidden states (its first argument); its other arguments stay."""
+        args, kwargs = self.inputs[i]
+        if args and isinstance(args[0], torch.Tensor):
+            self.inputs[i] = ((None,) + tuple(args[1:]), kwargs)
 
 
 def decoder_layers(model: nn.Module) -> Optional[tuple[str, nn.ModuleList]]:
