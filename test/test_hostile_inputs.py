@@ -275,7 +275,7 @@ def test_killed_save_leaves_no_corrupt_checkpoint(tmp_path):
     """)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONPATH=root))
+                            env=dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", "")))
     assert proc.stdout.readline().strip() == "writing"
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
@@ -451,7 +451,8 @@ def test_fresh_build_self_test_passes_here_and_refuses_a_broken_library(tmp_path
 def test_kernel_build_failure_falls_back_to_references_with_one_warning(tmp_path, fault):
     """A fresh process whose kernel build cannot succeed (no C++ compiler; a cache directory
     that cannot be created) warns once and computes correct results with the references."""
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if fault == "no_compiler":
         env.update(TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), CXX=str(tmp_path / "no-such-c++"), CC=str(tmp_path / "no-such-cc"))
         env["PATH"] = "/nonexistent"  # nor c++ / g++ / ninja on PATH
