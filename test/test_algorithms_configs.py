@@ -163,8 +163,11 @@ def test_toy_module_report_and_overrides():
     assert model[2].weight.scheme == "int8_weight_only"
 
 
-@pytest.mark.parametrize("true_sequential", [False, True])
-def test_sequential_driver_on_tiny_llama(true_sequential):
+@pytest.mark.parametrize("true_sequential,paused_fraction", [(False, 0.0), (True, 0.0), (True, 1.0)])
+def test_sequential_driver_on_tiny_llama(true_sequential, paused_fraction, monkeypatch):
+    from torchq.algorithms import paused_pass
+
+    monkeypatch.setattr(paused_pass, "MEMORY_FRACTION", paused_fraction)
     model, calib, held = tiny_llama()
     layers = model.model.layers
     seen = []
@@ -180,10 +183,13 @@ def test_sequential_driver_on_tiny_llama(true_sequential):
     assert model.lm_head.weight is model.model.embed_tokens.weight
     # layer 0 was reached once per item by the capture, then ran for the statistics and for
     # its outputs; the last layer only for the statistics. true_sequential: one pass on the
-    # first item to find the stages ([q,k,v], [o], [gate,up], [down]), then one paused pass
-    # per item that serves every stage and gives the outputs
+    # first item to find the stages ([q,k,v], [o], [gate,up], [down]), then per item either
+    # one paused pass that serves every stage and gives the outputs, or (no item paused, the
+    # default) one pass per stage and one for the outputs
     if true_sequential:
-        assert seen.count(layers[0]) == len(calib) + 1 + len(calib) and seen.count(layers[1]) == 1 + len(calib)
+        passes = 1 if paused_fraction else 5
+        assert seen.count(layers[0]) == len(calib) + 1 + passes * len(calib)
+        assert seen.count(layers[1]) == 1 + passes * len(calib)
     else:
         assert seen.count(layers[0]) == 3 * len(calib) and seen.count(layers[1]) == len(calib)
     assert set(model.state_dict()) == set(before.state_dict())

@@ -272,3 +272,54 @@ def test_finish_can_release_each_input_once_its_output_exists(max_bytes):
             for j in range(3):
                 paused.gather(j, lambda x: None)
             paused.finish(release_inputs=True)
+
+
+def test_re_running_items_compute_the_finished_attention_once():
+    """With no item paused, the attention's output (all its linears rounded after the o
+    stage) is computed once per item, in the gate/up pass, and reused by the down pass and
+    the final one: o_proj runs once per item instead of three times; same numbers (the
+    equality with re-running the layer is the first test's fraction-0 case)."""
+    model, calib, _ = tiny_llama(layers=1)
+    block = _layer_block(model, calib)
+    calls = []
+    block.module.self_attn.o_proj.register_forward_hook(lambda m, a, o: calls.append(1))
+    stages = input_stages(block, list(block.linears))
+    calls.clear()
+    with PausedPass(block, stages, max_bytes=0) as paused:
+        for j in range(len(stages)):
+            paused.gather(j, lambda x: None)
+        outs = paused.finish()
+        assert not any(paused.completed.kept.values())  # each item's kept output freed by its final pass
+    assert len(calls) == len(block.inputs)
+    assert "forward" not in block.module.self_attn.__dict__  # the patch is gone
+    for got, want in zip(outs, block.run()):
+        assert torch.equal(got, want)
+
+
+class _WritesIntoItsChild(nn.Module):
+    """Adds to its child's output in place: a kept output would be stale."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(8, 8))
+        self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.inner(x)
+        h += 1.0
+        return self.c(torch.relu(self.b(h)))
+
+
+def test_a_child_output_changed_in_place_is_recomputed_with_a_warning():
+    torch.manual_seed(0)
+    module = _WritesIntoItsChild()
+    block = Block(module, [((torch.randn(3, 8),), {}) for _ in range(3)],
+                  {"inner.0": module.inner[0], "b": module.b, "c": module.c})
+    with pytest.warns(UserWarning, match="'inner' in place"):
+        with PausedPass(block, [["inner.0"], ["b"], ["c"]], max_bytes=0) as paused:
+            for j in range(3):
+                paused.gather(j, lambda x: None)
+            outs = paused.finish()
+    with torch.inference_mode():
+        for out, (args, _) in zip(outs, block.inputs):
+            assert torch.equal(out, module(*args))
