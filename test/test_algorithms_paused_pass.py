@@ -323,3 +323,31 @@ def test_a_child_output_changed_in_place_is_recomputed_with_a_warning():
     with torch.inference_mode():
         for out, (args, _) in zip(outs, block.inputs):
             assert torch.equal(out, module(*args))
+
+
+class _CallsItsChildTwice(nn.Module):
+    """Runs its child on two different inputs in one forward: only the first call's output
+    may be reused (the stop at ``b`` comes between the two calls)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(8, 8))
+        self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.b(torch.relu(self.inner(x)))
+        return self.c(self.inner(h))
+
+
+def test_a_child_called_twice_in_one_forward_reuses_only_its_first_call():
+    torch.manual_seed(0)
+    module = _CallsItsChildTwice()
+    block = Block(module, [((torch.randn(3, 8),), {}) for _ in range(3)],
+                  {"inner.0": module.inner[0], "b": module.b, "c": module.c})
+    with PausedPass(block, [["inner.0"], ["b"], ["c"]], max_bytes=0) as paused:
+        for j in range(3):
+            paused.gather(j, lambda x: None)
+        outs = paused.finish()
+    with torch.inference_mode():
+        for out, (args, _) in zip(outs, block.inputs):
+            assert torch.equal(out, module(*args))

@@ -31,12 +31,14 @@ the same in every later pass (same inputs, same weights), so the first later pas
 (:class:`_CompletedOutputs`) and the passes after it return it instead of computing it. On
 a decoder layer the gate/up pass keeps the attention output and the down pass and the
 final one reuse it: 1.9 instead of 2.7 layer forwards per re-running item, for one more
-copy of the item's hidden-state size held until its final pass.
+copy of the item's hidden-state size held until its final pass. Only a child's first call
+in a forward is reused (a second call has other inputs), and a kept output that its layer
+changed in place is detected and recomputed, with a warning.
 
 The default pauses no item (``MEMORY_FRACTION = 0``): on SmolLM2-135M at 128 x 512 tokens
 (2-core AMD Zen 4) re-running with reuse took 231 s at +455 MB, inside both of GPTQ's bars
-(< 5 min, peak < 2x the 513 MB float model), where pausing at 0.25 took 174 s at +1317 MB
-(before the reuse). Raise it to trade memory for time.
+(< 5 min, peak < 2x the 513 MB float model); pausing items in 0.25 of the available memory
+took 160 s at +1374 MB. Raise it to trade memory for time.
 
 Every switch into an item happens under ``torch.inference_mode()`` in the caller; the
 items change no thread-local mode themselves (a layer that enters a mode around a linear
@@ -45,9 +47,9 @@ would leak it to the caller while paused).
 
 from __future__ import annotations
 
-from typing import Callable, Optional
-
+import contextlib
 import warnings
+from typing import Callable, Optional
 
 import torch
 from greenlet import greenlet, getcurrent
@@ -157,36 +159,36 @@ class _CompletedOutputs:
         self.module = module
         self.kept: dict[str, dict[int, tuple]] = {c: {} for c in self.last_stage}
         self.disabled: set[str] = set()
+        self.called: dict[str, set[int]] = {}
         self.item = -1
 
+    @contextlib.contextmanager
     def during(self, stage: int, keep: bool = True):
         """Context for one pass: children whose last stage is before ``stage`` reuse their kept
         output, or compute it and (``keep``: a later pass follows) keep it."""
-        outer = self
-
-        class _Patch:
-            def __enter__(self_):
-                self_.patched = []
-                for child, last in outer.last_stage.items():
-                    if last < stage and child not in outer.disabled:
-                        mod = outer.module.get_submodule(child)
-                        own = mod.__dict__.get("forward")
-                        mod.forward = outer._reusing(child, mod.forward, keep)
-                        self_.patched.append((mod, own))
-
-            def __exit__(self_, *exc):
-                for mod, own in self_.patched:
-                    if own is None:
-                        del mod.forward
-                    else:
-                        mod.forward = own
-
-        return _Patch()
+        patched = []  # (child module, its own instance-level forward or None)
+        self.called = {c: set() for c in self.last_stage}  # items whose child ran in this pass
+        try:
+            for child, last in self.last_stage.items():
+                if last < stage and child not in self.disabled:
+                    mod = self.module.get_submodule(child)
+                    patched.append((mod, mod.__dict__.get("forward")))
+                    mod.forward = self._reusing(child, mod.forward, keep)
+            yield
+        finally:
+            for mod, own in patched:
+                if own is None:
+                    del mod.forward
+                else:
+                    mod.forward = own
 
     def _reusing(self, child: str, forward, keep: bool):
-        kept = self.kept[child]
+        kept, called = self.kept[child], self.called[child]
 
         def reuse(*args, **kwargs):
+            if self.item in called:  # a second call in one forward: other inputs, computed
+                return forward(*args, **kwargs)
+            called.add(self.item)
             hit = kept.get(self.item)
             if hit is not None and child not in self.disabled:
                 out, fp = hit
@@ -196,7 +198,7 @@ class _CompletedOutputs:
                 self.kept[child].clear()
                 warnings.warn(
                     f"calibration: the layer changes the output of its {child!r} in place, so that output cannot be "
-                    f"reused between GPTQ stages; it is recomputed in every pass (slower, same numbers)"
+                    f"reused between calibration stages; it is recomputed in every pass (slower, same numbers)"
                 )
                 return forward(*args, **kwargs)
             out = forward(*args, **kwargs)
