@@ -2,6 +2,7 @@
 numbers of re-running the layer per stage, and must never leave a suspended item or a hook
 behind."""
 
+import contextlib
 import copy
 import gc
 import threading
@@ -296,13 +297,18 @@ def test_re_running_items_compute_the_finished_attention_once():
         assert torch.equal(got, want)
 
 
-class _WritesIntoItsChild(nn.Module):
-    """Adds to its child's output in place: a kept output would be stale."""
+class _InnerThenBC(nn.Module):
+    """A child ``inner`` (stage 0), then ``b`` and ``c``; subclasses use the child in ways a
+    kept output must survive."""
 
     def __init__(self):
         super().__init__()
         self.inner = nn.Sequential(nn.Linear(8, 8))
         self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 4)
+
+
+class _WritesIntoItsChild(_InnerThenBC):
+    """Adds to its child's output in place: a kept output would be stale."""
 
     def forward(self, x):
         h = self.inner(x)
@@ -310,44 +316,28 @@ class _WritesIntoItsChild(nn.Module):
         return self.c(torch.relu(self.b(h)))
 
 
-def test_a_child_output_changed_in_place_is_recomputed_with_a_warning():
-    torch.manual_seed(0)
-    module = _WritesIntoItsChild()
-    block = Block(module, [((torch.randn(3, 8),), {}) for _ in range(3)],
-                  {"inner.0": module.inner[0], "b": module.b, "c": module.c})
-    with pytest.warns(UserWarning, match="'inner' in place"):
-        with PausedPass(block, [["inner.0"], ["b"], ["c"]], max_bytes=0) as paused:
-            for j in range(3):
-                paused.gather(j, lambda x: None)
-            outs = paused.finish()
-    with torch.inference_mode():
-        for out, (args, _) in zip(outs, block.inputs):
-            assert torch.equal(out, module(*args))
-
-
-class _CallsItsChildTwice(nn.Module):
+class _CallsItsChildTwice(_InnerThenBC):
     """Runs its child on two different inputs in one forward: only the first call's output
     may be reused (the stop at ``b`` comes between the two calls)."""
-
-    def __init__(self):
-        super().__init__()
-        self.inner = nn.Sequential(nn.Linear(8, 8))
-        self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 4)
 
     def forward(self, x):
         h = self.b(torch.relu(self.inner(x)))
         return self.c(self.inner(h))
 
 
-def test_a_child_called_twice_in_one_forward_reuses_only_its_first_call():
+@pytest.mark.parametrize("module_type,warns", [(_WritesIntoItsChild, "'inner' in place"), (_CallsItsChildTwice, None)])
+def test_reused_child_outputs_give_the_numbers_of_running_the_module(module_type, warns):
+    """A child output its layer changed in place is recomputed, with a warning; a child's
+    second call in one forward is computed, not served its first call's output."""
     torch.manual_seed(0)
-    module = _CallsItsChildTwice()
+    module = module_type()
     block = Block(module, [((torch.randn(3, 8),), {}) for _ in range(3)],
                   {"inner.0": module.inner[0], "b": module.b, "c": module.c})
-    with PausedPass(block, [["inner.0"], ["b"], ["c"]], max_bytes=0) as paused:
-        for j in range(3):
-            paused.gather(j, lambda x: None)
-        outs = paused.finish()
+    with pytest.warns(UserWarning, match=warns) if warns else contextlib.nullcontext():
+        with PausedPass(block, [["inner.0"], ["b"], ["c"]], max_bytes=0) as paused:
+            for j in range(3):
+                paused.gather(j, lambda x: None)
+            outs = paused.finish()
     with torch.inference_mode():
         for out, (args, _) in zip(outs, block.inputs):
             assert torch.equal(out, module(*args))
