@@ -255,24 +255,27 @@ def calibrate(
     prefix, layers = found
     inputs = capture_layer_inputs(model, layers[0], items)
     # the float model's stream too, where an algorithm compares with it (AutoRound target="float")
-    float_inputs = inputs if any(_wants_float_targets(c) for c in targets.values()) else None
+    # (a list of its own: its hidden states are released below while ``inputs`` keeps them)
+    float_inputs = list(inputs) if any(_wants_float_targets(c) for c in targets.values()) else None
     for i, layer in _progress(enumerate(layers), len(layers), "torchq calibration"):
         lp = f"{prefix}.{i}"
         linears = {n: m for n, m in layer.named_modules() if f"{lp}.{n}" in targets}
         meta = {"model": model, "index": i}
-        if float_inputs is not None:  # this layer's float outputs, before it is rounded
-            meta["float_targets"] = Block(layer, float_inputs, {}, lp).run()
+        if float_inputs is not None:  # this layer's float outputs, before it is rounded; they
+            # replace its float inputs in memory (only positions and masks are kept from those)
+            meta["float_targets"] = Block(layer, float_inputs, {}, lp, inputs_needed=False).run(release_inputs=True)
         block = Block(layer, inputs, linears, lp, meta=meta)
         if linears:
             record(block, process_block(block, targets))
         if i + 1 < len(layers):
-            outs = block.outputs if block.outputs is not None else block.run()
+            block.inputs_needed = False  # calibrated: the outputs replace the inputs in memory
+            outs = block.outputs if block.outputs is not None else block.run(release_inputs=True)
             block.outputs = None
             inputs = [((out,) + tuple(args[1:]), kwargs) for out, (args, kwargs) in zip(outs, inputs)]
             del outs  # the next layer's inputs hold them (and may release them)
             if float_inputs is not None:
                 float_inputs = [
-                    ((out,) + tuple(args[1:]), kwargs) for out, (args, kwargs) in zip(meta["float_targets"], float_inputs)
+                    ((out,) + tuple(args[1:]), kwargs) for out, (args, kwargs) in zip(meta.pop("float_targets"), float_inputs)
                 ]
         logger.debug("torchq: calibrated %s", lp)
     del inputs, float_inputs
