@@ -34,6 +34,7 @@ from typing import Callable, Mapping, Optional
 import torch
 from torch import nn
 
+from torchq.memory import release_free_memory
 from torchq.quantize.configs import QuantConfig
 from torchq.algorithms.configs import AlgorithmConfig, storage_config
 from torchq.algorithms.data import as_model_inputs, check_calibration
@@ -277,6 +278,10 @@ def calibrate(
                 float_inputs = [
                     ((out,) + tuple(args[1:]), kwargs) for out, (args, kwargs) in zip(meta.pop("float_targets"), float_inputs)
                 ]
+        # the layer's float weights and its temporaries are free now; the C allocator keeps
+        # them in its heap, where they would add up over the layers (AWQ on SmolLM2: +561 MB
+        # peak without this, +385 MB with it) unless handed back to the OS
+        release_free_memory()
         logger.debug("torchq: calibrated %s", lp)
     del inputs, float_inputs
     substitutes = {n: storage_config(c) for n, c in targets.items() if n not in reports}
