@@ -447,6 +447,27 @@ def test_fresh_build_self_test_passes_here_and_refuses_a_broken_library(tmp_path
     assert not junk.exists()
 
 
+def test_a_fresh_build_keeps_the_build_key(tmp_path, monkeypatch):
+    """torch's ``cpp_extension.load`` appends its own libraries to the flag lists it is
+    given. The key must not change with them: a process that built the kernels itself (a
+    fresh CI machine) then looked for its library under another name."""
+    from torch.utils import cpp_extension
+
+    from torchq.kernels import cpu_ext
+
+    def load(**kwargs):  # what torch's load does to its arguments, without compiling
+        kwargs["extra_ldflags"].append("-ltorch")
+        kwargs["extra_cflags"].append("-DTORCH_EXTENSION_NAME=x")
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "load", load)
+    monkeypatch.setattr(cpu_ext, "check_library", lambda lib: None)
+    monkeypatch.setattr(cpu_ext, "_AFTER_LOAD", [])
+    key = cpu_ext._build_key()
+    cpu_ext._load()
+    assert cpu_ext._build_key() == key
+
+
 @pytest.mark.parametrize("fault", ["no_compiler", "broken_cache_dir"])
 def test_kernel_build_failure_falls_back_to_references_with_one_warning(tmp_path, fault):
     """A fresh process whose kernel build cannot succeed (no C++ compiler; a cache directory

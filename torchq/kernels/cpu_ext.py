@@ -100,8 +100,8 @@ def _load() -> None:
         cpp_extension.load(
             name=name,
             sources=[str(p) for p in _sources() if p.suffix == ".cpp"],
-            extra_cflags=_CFLAGS,
-            extra_ldflags=_LDFLAGS,
+            extra_cflags=list(_CFLAGS),  # copies: load() appends torch's libraries to the
+            extra_ldflags=list(_LDFLAGS),  # lists it gets, which would change _build_key()
             build_directory=str(build_dir),
             is_python_module=False,
             verbose=bool(os.environ.get("TORCHQ_BUILD_VERBOSE")),
