@@ -45,6 +45,10 @@ METHODS = {
     "autoround_light": lambda base: __import__("torchq").AutoRound(base, preset="light"),
     "autoround_bf16": lambda base: __import__("torchq").AutoRound(base, compute_dtype="bfloat16"),
     "autoround_light_bf16": lambda base: __import__("torchq").AutoRound(base, preset="light", compute_dtype="bfloat16"),
+    "autoround_light_bf16_streams": lambda base: __import__("torchq").AutoRound(
+        base, preset="light", compute_dtype="bfloat16", stream_dtype="bfloat16"),  # as auto-round on CPU
+    "autoround_light_bf16_low_memory": lambda base: __import__("torchq").AutoRound(
+        base, preset="light", compute_dtype="bfloat16", stream_dtype="bfloat16", micro_batch_size=1),
     "smoothquant": lambda base: __import__("torchq").SmoothQuant(base),
 }
 

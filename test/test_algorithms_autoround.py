@@ -12,7 +12,7 @@ from torch import nn
 
 import torchq
 from torchq.algorithms.autoround import autoround_block
-from torchq.algorithms.sequential import Block
+from torchq.algorithms.sequential import Block, capture_layer_inputs
 
 from algorithms_fixtures import correlated_inputs, tiny_llama, toy_mlp
 
@@ -165,6 +165,124 @@ def test_float_target_holds_two_hidden_streams(monkeypatch):
     cfg = torchq.AutoRound(torchq.int4_weight_only(group_size=32), iters=2, batch_size=2)
     torchq.quantize_(model, cfg, calibration=calib, filter_fn=lambda mod, n: n != "lm_head")
     assert len(counts) >= 8 and max(counts) == 2 * len(calib), counts
+
+
+def test_captured_inputs_hold_what_the_items_share_once():
+    """Every item's rotary tables and positions equal the first item's: the captured inputs
+    hold them once (33 MB per copy at 128 x 512 tokens on SmolLM2). The hidden states stay
+    each item's own, and an argument that differs stays the item's."""
+    model, calib, _ = tiny_llama(layers=1)
+    inputs = capture_layer_inputs(model, model.model.layers[0], calib)
+    (args0, kw0), rest = inputs[0], inputs[1:]
+    for args, kw in rest:
+        assert kw["position_embeddings"][0] is kw0["position_embeddings"][0]
+        assert kw["position_embeddings"][1] is kw0["position_embeddings"][1]
+        assert kw["position_ids"] is kw0["position_ids"]
+        assert args[0] is not args0[0] and not torch.equal(args[0], args0[0])
+    shorter = capture_layer_inputs(model, model.model.layers[0], [calib[0], calib[1][:, :16]])
+    assert shorter[1][1]["position_ids"].shape[-1] == 16
+
+
+def test_bf16_streams_are_stored_in_bf16_and_read_back_in_the_models_dtype(monkeypatch):
+    """stream_dtype="bfloat16": every hidden stream the driver holds (the rounded inputs, the
+    float targets, each pass's outputs) is bf16, half the bytes, while every decoder layer
+    still computes on fp32 inputs. The losses start near where fp32 streams start (bf16
+    rounding only: +10 % on this toy, whose layer errors are near bf16's resolution) and go
+    down about as far."""
+    from torchq.algorithms import autoround as ar
+    from torchq.algorithms import sequential as seq
+
+    held, seen, losses = [], [], {}
+    real_block = ar.autoround_block
+
+    def block(blk, *args, **kwargs):
+        held.extend(a[0].dtype for a, _ in blk.inputs)
+        held.extend(t.dtype for t in blk.meta["float_targets"])
+        results, run = real_block(blk, *args, **kwargs)
+        losses.setdefault(blk.stream_dtype, []).append(run)
+        return results, run
+
+    monkeypatch.setattr(ar, "autoround_block", block)
+    base = torchq.int4_weight_only(group_size=32)
+    for streams in ("float32", "bfloat16"):
+        model, calib, _ = tiny_llama(layers=3)
+        for layer in model.model.layers:
+            layer.register_forward_pre_hook(lambda m, a, kw: seen.append((a or (kw["hidden_states"],))[0].dtype),
+                                            with_kwargs=True)
+        cfg = torchq.AutoRound(base, iters=20, batch_size=2, stream_dtype=streams)
+        outs = []
+        real_run = seq.Block.run
+        monkeypatch.setattr(seq.Block, "run", lambda self, *a, **k: outs.extend(real_run(self, *a, **k)) or outs[-len(self.inputs):])
+        torchq.quantize_(model, cfg, calibration=calib, filter_fn=lambda mod, n: n != "lm_head")
+        monkeypatch.setattr(seq.Block, "run", real_run)
+        if streams == "bfloat16":
+            assert held[-24:] == [torch.bfloat16] * 24 and {o.dtype for o in outs} == {torch.bfloat16}
+    assert set(seen) == {torch.float32}
+    fp32, bf16 = losses[None], losses[torch.bfloat16]
+    assert len(fp32) == len(bf16) == 3
+    for a, b in zip(fp32, bf16):
+        assert abs(b[0] - a[0]) <= 0.2 * a[0], (a[0], b[0])  # bf16 rounding of inputs and targets
+        assert min(b) < 0.9 * b[0] and min(b) <= 1.2 * min(a), (b, a)
+
+
+def test_one_stream_dtype_for_all_layers():
+    """The driver keeps one stream for every layer: configs that ask for different stream
+    dtypes raise, naming the field; AWQ around a bf16-stream AutoRound runs on bf16 streams."""
+    base = torchq.int4_weight_only(group_size=32)
+    model, calib, _ = tiny_llama(layers=2)
+    cfg = torchq.AutoRound(base, iters=2, batch_size=2, stream_dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"bfloat16 \(autoround\) and float32 \(gptq\).*same stream_dtype"):
+        torchq.quantize_(model, cfg, calibration=calib, filter_fn=lambda mod, n: n != "lm_head",
+                         overrides={"model.layers.0.mlp.down_proj": torchq.GPTQ(base)})
+    with pytest.raises(ValueError, match="stream_dtype must be one of float32, bfloat16"):
+        torchq.AutoRound(base, stream_dtype="float16")
+    assert torchq.AutoRound(base).stream_dtype == "float32"
+    model, calib, held = tiny_llama(layers=2)
+    with torch.no_grad():
+        ref = model(held).logits
+    torchq.quantize_(model, torchq.AWQ(cfg), calibration=calib, filter_fn=lambda mod, n: n != "lm_head")
+    with torch.no_grad():
+        out = model(held).logits
+    assert torch.isfinite(out).all() and (out - ref).norm() < 0.5 * ref.norm()
+
+
+def test_micro_batches_hold_one_micro_batchs_activations_for_the_same_steps():
+    """micro_batch_size: each step's items run forward and backward a few at a time and the
+    gradients add up. The layer sees micro-batches, autograd holds a fraction of the
+    activations, and the losses and the learned rounding are those of the whole batch (up to
+    the order of the sums). None keeps the whole batch; a bad value raises."""
+    model, calib, _ = tiny_llama(layers=1)
+    layer = model.model.layers[0]
+    names = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
+    inputs = capture_layer_inputs(model, layer, calib)
+    runs, batches, saved = {}, {}, {}
+    for micro in (None, 1, 3):
+        module = copy.deepcopy(layer)
+        seen = []
+        module.register_forward_pre_hook(lambda m, a, kw: seen.append(a[0].shape[0]), with_kwargs=True)
+        module.register_forward_hook(lambda m, a, o: seen.append(None))
+        held = {}  # activation bytes saved for backward by each forward (not the weights)
+
+        def pack(t):
+            if seen and seen[-1] is not None and not (t.is_leaf and t.requires_grad):
+                held[len(seen)] = held.get(len(seen), 0) + t.numel() * t.element_size()
+            return t
+
+        block = Block(module, inputs, {n: module.get_submodule(n) for n in names})
+        cfg = torchq.AutoRound(torchq.int4_weight_only(group_size=32), iters=6, batch_size=4, micro_batch_size=micro)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            results, runs[micro] = autoround_block(block, names, cfg)
+        batches[micro] = [b for b in seen[2 * len(inputs):] if b is not None]  # after the targets' pass
+        saved[micro] = max(held.values())
+        runs[micro] = (runs[micro], {n: t.dequantize() for n, (t, _) in results.items()})
+    assert batches == {None: [4] * 6, 1: [1] * 24, 3: [3, 1] * 6}
+    assert saved[1] < 0.4 * saved[None] and saved[3] < 0.9 * saved[None], saved
+    for micro in (1, 3):
+        torch.testing.assert_close(torch.tensor(runs[micro][0]), torch.tensor(runs[None][0]), rtol=1e-5, atol=0)
+        torch.testing.assert_close(runs[micro][1], runs[None][1])
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="micro_batch_size must be a positive integer"):
+            torchq.AutoRound(torchq.int4_weight_only(group_size=32), micro_batch_size=bad)
 
 
 def test_decoder_layer_steps_run_as_one_batch_with_the_same_losses():

@@ -341,3 +341,14 @@ def test_reused_child_outputs_give_the_numbers_of_running_the_module(module_type
     with torch.inference_mode():
         for out, (args, _) in zip(outs, block.inputs):
             assert torch.equal(out, module(*args))
+
+
+def test_bf16_streams_are_refused_by_name():
+    """The paused pass reads and writes the model's dtype: a block whose streams are stored
+    in bf16 (AutoRound stream_dtype) is refused, naming the field (the driver never pairs
+    them: configs asking for different streams raise first)."""
+    model, calib, _ = tiny_llama(layers=1)
+    block = _layer_block(model, calib)
+    block.stream_dtype, block.hidden_dtype = torch.bfloat16, torch.float32
+    with pytest.raises(ValueError, match="stream_dtype='float32'"):
+        PausedPass(block, [list(block.linears)])

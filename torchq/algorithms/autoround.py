@@ -15,7 +15,8 @@ layer reads the rounded layers' outputs but is fitted to the float model's own o
 that layer (the driver carries both streams), so each layer also corrects the error the
 earlier ones left; ``"block"``: to the float layer's output on the rounded inputs.
 ``compute_dtype="bfloat16"``: the layer's forward and backward run under bf16 autocast (the
-parameters, targets and loss stay fp32), as auto-round runs on CPU.
+parameters, targets and loss stay fp32), as auto-round runs on CPU. The steps read inputs
+and targets as the driver stores them (``stream_dtype``) and compute in the layer's dtype.
 """
 
 from __future__ import annotations
@@ -175,6 +176,28 @@ def _batchable(items) -> bool:
     return True
 
 
+def _chunk_loss(block, items, chunk, weights, compute, shared):
+    """Mean squared error of the layer with ``weights`` on the items ``chunk``: as one batch
+    where ``shared`` holds what the items share (:func:`_batchable`; the mean over the batch
+    is the mean of the items' means, equal sizes), else item by item."""
+    if shared:
+        shared_args, shared_kwargs = shared
+        x = block.as_hidden(torch.cat([items[i][0][0] for i in chunk]))
+        with compute:
+            out = _first(functional_call(block.module, weights, (x,) + shared_args, shared_kwargs))
+        target = torch.cat([items[i][2] for i in chunk])
+        return torch.nn.functional.mse_loss(out.float(), target.float())
+    loss = 0.0
+    for i in chunk:
+        args, kwargs, target = _detach_tree(items[i])
+        if args and isinstance(args[0], torch.Tensor):
+            args = (block.as_hidden(args[0]),) + tuple(args[1:])
+        with compute:
+            out = _first(functional_call(block.module, weights, args, kwargs))
+        loss = loss + torch.nn.functional.mse_loss(out.float(), target.float())
+    return loss / len(chunk)
+
+
 def _native_bf16() -> bool:
     """Whether this CPU has a bf16 dot product (AVX512-BF16 or AMX), as the kernels see it."""
     from torchq.kernels import cpu_ext
@@ -228,24 +251,22 @@ def autoround_block(block, names, config: AlgorithmConfig, act_scales=None, gene
         for it in range(config.iters):
             pick = torch.randperm(len(items), generator=gen)[: config.batch_size].tolist()
             weights = {f"{n}.weight": r.fake() for n, r in rp.items()}
-            if batched:  # the mean over the batch = the mean of the items' means (equal sizes)
-                x = torch.cat([items[i][0][0] for i in pick])
-                with compute:
-                    out = _first(functional_call(block.module, weights, (x,) + shared_args, shared_kwargs))
-                target = torch.cat([items[i][2] for i in pick])
-                loss = torch.nn.functional.mse_loss(out.float(), target.float())
-            else:
-                loss = 0.0
-                for i in pick:
-                    args, kwargs, target = _detach_tree(items[i])
-                    with compute:
-                        out = _first(functional_call(block.module, weights, args, kwargs))
-                    loss = loss + torch.nn.functional.mse_loss(out.float(), target.float())
-                loss = loss / len(pick)
+            # the layer runs on detached copies: each micro-batch's backward stops there and
+            # sums into their .grad; the fake quantization's backward then runs once
+            leaves = {k: w.detach().requires_grad_() for k, w in weights.items()}
+            micro = config.micro_batch_size or len(pick)
             for p in params:
                 p.grad = None
-            loss.backward()
-            value = float(loss.detach())
+            loss = 0.0
+            for start in range(0, len(pick), micro):
+                chunk = pick[start : start + micro]
+                part = _chunk_loss(block, items, chunk, leaves, compute, batched and (shared_args, shared_kwargs))
+                part = part * (len(chunk) / len(pick))  # the mean over the step's items
+                part.backward()
+                loss = loss + part.detach()
+            used = [k for k in weights if leaves[k].grad is not None]
+            torch.autograd.backward([weights[k] for k in used], [leaves[k].grad for k in used])
+            value = float(loss)
             losses.append(value)
             if value < best_loss:  # parameters that produced this loss (before the step)
                 best_loss = value

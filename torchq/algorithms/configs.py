@@ -260,7 +260,16 @@ class AutoRoundConfig(AlgorithmConfig):
     warning. Not the default: the default keeps the float model's precision. ``seed``: the
     draw of each step's calibration items (every block starts from it). SignSGD follows
     only gradient signs, so the seed moves the result about as much as a CPU's summation
-    order does: compare AutoRound runs over several seeds."""
+    order does: compare AutoRound runs over several seeds. ``stream_dtype="bfloat16"``: the
+    calibration driver stores the decoder layers' hidden streams (the rounded layers'
+    outputs and the float model's targets) in bf16, as auto-round does on CPU, and each
+    layer reads them back in the model's dtype; half their memory (2 x 75 MB instead of
+    2 x 151 MB at 128 x 512 tokens on SmolLM2), at the cost of bf16 rounding of inputs and
+    targets. Every calibrated layer of a model must then ask for the same streams.
+    ``micro_batch_size``: items per forward and backward inside a step (None: the whole
+    ``batch_size`` at once); the step's gradient is summed over its micro-batches, so the
+    step is the same up to the order of the sums, while autograd holds one micro-batch's
+    activations (about 30 MB per 512-token item on SmolLM2) instead of the batch's."""
 
     type_name: ClassVar[str] = "autoround"
     iters: int = 200
@@ -271,6 +280,8 @@ class AutoRoundConfig(AlgorithmConfig):
     target: str = "float"
     compute_dtype: str = "float32"
     seed: int = 0
+    stream_dtype: str = "float32"
+    micro_batch_size: Optional[int] = None
 
     def _check_fields(self) -> None:
         _positive("iters", self.iters, integer=True)
@@ -287,13 +298,18 @@ class AutoRoundConfig(AlgorithmConfig):
             raise ValueError(f"target must be 'float' or 'block', got {self.target!r}")
         if self.compute_dtype not in AUTOROUND_COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {', '.join(AUTOROUND_COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
+        if self.micro_batch_size is not None:
+            _positive("micro_batch_size", self.micro_batch_size, integer=True)
+        if self.stream_dtype not in AUTOROUND_COMPUTE_DTYPES:
+            raise ValueError(f"stream_dtype must be one of {', '.join(AUTOROUND_COMPUTE_DTYPES)}, got {self.stream_dtype!r}")
 
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else 1.0 / self.iters
 
 
-#: AutoRound's compute dtypes: the dtype its forward and backward products run in
+#: AutoRound's compute dtypes (the dtype its forward and backward products run in) and
+#: stream dtypes (the dtype the driver stores hidden streams in)
 AUTOROUND_COMPUTE_DTYPES = ("float32", "bfloat16")
 
 #: preset -> field values it sets

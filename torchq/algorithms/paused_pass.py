@@ -226,6 +226,9 @@ class PausedPass:
     """
 
     def __init__(self, block, stages: list[list[str]], max_bytes: Optional[int] = None):
+        if getattr(block, "stream_dtype", None) is not None:  # the driver never pairs them (_stream_dtype)
+            raise ValueError("the paused pass (GPTQ) reads and writes hidden streams in the model's dtype, not "
+                             f"{block.stream_dtype}: calibrate with stream_dtype='float32'")
         self.block, self.module = block, block.module
         self.stages = [list(names) for names in stages]
         self.stage_of = {name: j for j, names in enumerate(stages) for name in names}

@@ -61,7 +61,7 @@ def input_stages(block, names: list[str]) -> list[list[str]]:
     handles = [block.linears[n].register_forward_pre_hook(lambda m, a, _n=n: hook(_n, a[0])) for n in names]
     try:
         with torch.inference_mode():
-            args, kwargs = block.inputs[0]
+            args, kwargs = block.item(0)
             block.module(*args, **kwargs)
     finally:
         for h in handles:
