@@ -17,6 +17,9 @@ earlier ones left; ``"block"``: to the float layer's output on the rounded input
 ``compute_dtype="bfloat16"``: the layer's forward and backward run under bf16 autocast (the
 parameters, targets and loss stay fp32), as auto-round runs on CPU. The steps read inputs
 and targets as the driver stores them (``stream_dtype``) and compute in the layer's dtype.
+``micro_batch_size``: a step's items run forward and backward a few at a time on detached
+copies of the fake-quantized weights, whose gradients add up; the fake quantization's
+backward then runs once per step (less autograd memory, the same step up to sum order).
 """
 
 from __future__ import annotations
