@@ -277,9 +277,11 @@ def test_micro_batches_hold_one_micro_batchs_activations_for_the_same_steps():
         runs[micro] = (runs[micro], {n: t.dequantize() for n, (t, _) in results.items()})
     assert batches == {None: [4] * 6, 1: [1] * 24, 3: [3, 1] * 6}
     assert saved[1] < 0.4 * saved[None] and saved[3] < 0.9 * saved[None], saved
-    for micro in (1, 3):
-        torch.testing.assert_close(torch.tensor(runs[micro][0]), torch.tensor(runs[None][0]), rtol=1e-5, atol=0)
-        torch.testing.assert_close(runs[micro][1], runs[None][1])
+    for micro in (1, 3):  # sums in another order: SignSGD may flip a near-zero gradient's sign on some CPU
+        torch.testing.assert_close(torch.tensor(runs[micro][0]), torch.tensor(runs[None][0]), rtol=1e-3, atol=0)
+        for n, w in runs[micro][1].items():
+            moved = ((w - runs[None][1][n]).abs() > 1e-6).float().mean().item()
+            assert moved <= 0.01, (n, moved)  # 0 here (Zen 4, also with ATEN_CPU_CAPABILITY=avx2)
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match="micro_batch_size must be a positive integer"):
             torchq.AutoRound(torchq.int4_weight_only(group_size=32), micro_batch_size=bad)
