@@ -169,7 +169,7 @@ def test_float_target_holds_two_hidden_streams(monkeypatch):
 
 def test_captured_inputs_hold_what_the_items_share_once():
     """Every item's rotary tables and positions equal the first item's: the captured inputs
-    hold them once (33 MB per copy at 128 x 512 tokens on SmolLM2). The hidden states stay
+    hold them once (33 MB for all items at 128 x 512 tokens on SmolLM2). The hidden states stay
     each item's own, and an argument that differs stays the item's."""
     model, calib, _ = tiny_llama(layers=1)
     inputs = capture_layer_inputs(model, model.model.layers[0], calib)

@@ -193,8 +193,7 @@ def _chunk_loss(block, items, chunk, weights, compute, shared):
     loss = 0.0
     for i in chunk:
         args, kwargs, target = _detach_tree(items[i])
-        if args and isinstance(args[0], torch.Tensor):
-            args = (block.as_hidden(args[0]),) + tuple(args[1:])
+        args = block.hidden_args(args)
         with compute:
             out = _first(functional_call(block.module, weights, args, kwargs))
         loss = loss + torch.nn.functional.mse_loss(out.float(), target.float())

@@ -85,12 +85,16 @@ class Block:
         """Hidden states ``x`` in the dtype the streams are stored in."""
         return x if self.stream_dtype is None else x.to(self.stream_dtype)
 
+    def hidden_args(self, args: tuple) -> tuple:
+        """``args`` with their first (the stored hidden states) as the module reads it."""
+        if self.stream_dtype is not None and args and isinstance(args[0], torch.Tensor):
+            return (self.as_hidden(args[0]),) + tuple(args[1:])
+        return args
+
     def item(self, i: int) -> tuple:
         """Item ``i``'s ``(args, kwargs)`` as the module reads them (see :meth:`as_hidden`)."""
         args, kwargs = self.inputs[i]
-        if self.stream_dtype is not None and args and isinstance(args[0], torch.Tensor):
-            args = (self.as_hidden(args[0]),) + tuple(args[1:])
-        return args, kwargs
+        return self.hidden_args(args), kwargs
 
     def run(
         self, hooks: Optional[Mapping[str, Callable[[str, torch.Tensor], None]]] = None, keep: bool = True,
