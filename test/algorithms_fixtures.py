@@ -44,3 +44,31 @@ def tiny_llama(seed: int = 0, bias: bool = False, layers: int = 2):
     calib = [torch.randint(0, 128, (1, 32), generator=g) for _ in range(4)]
     held = torch.randint(0, 128, (2, 32), generator=g)
     return model, calib, held
+
+
+def tiny_causal_lm(kind: str, kv_heads: int = 2, seed: int = 0):
+    """A random 2-layer decoder of another family the calibration driver supports
+    (``"qwen2"``: q/k/v bias; ``"mistral"``; ``"phi3"``: fused ``qkv_proj`` / ``gate_up_proj``),
+    hidden 64, 4 heads over ``kv_heads`` KV heads, norms away from 1."""
+    import transformers
+
+    families = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral", "phi3": "Phi3"}
+    config_cls = getattr(transformers, families[kind] + "Config")
+    model_cls = getattr(transformers, families[kind] + "ForCausalLM")
+    torch.manual_seed(seed)
+    extra = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    cfg = config_cls(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=kv_heads, max_position_embeddings=64, tie_word_embeddings=False, **extra,
+    )
+    model = model_cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.uniform_(-0.5, 0.5)
+    g = torch.Generator().manual_seed(seed + 1)
+    calib = [torch.randint(0, 128, (1, 32), generator=g) for _ in range(4)]
+    held = torch.randint(0, 128, (2, 32), generator=g)
+    return model, calib, held

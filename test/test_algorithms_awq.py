@@ -15,7 +15,7 @@ from torchq.algorithms.awq import _group_out_err, group_hessians, rtn_fake, sear
 from torchq.algorithms.folding import fold_scales, scale_groups
 from torchq.algorithms.grid import grid_for
 
-from algorithms_fixtures import correlated_inputs, tiny_llama
+from algorithms_fixtures import correlated_inputs, tiny_causal_lm, tiny_llama
 
 INT4 = torchq.int4_weight_only(group_size=32)
 
@@ -66,20 +66,48 @@ def test_search_errors_are_the_output_errors(k):
     torch.testing.assert_close(_group_out_err(group_hessians(xb), d), direct, rtol=1e-4, atol=1e-3)
 
 
-def test_folding_keeps_the_float_function():
-    model, calib, held = tiny_llama()
+_NORM_FOLDS = {"input_layernorm", "post_attention_layernorm"}
+
+
+@pytest.mark.parametrize(
+    "kind,kv_heads,folded",
+    [
+        # GQA (4 heads, 2 KV heads): v -> o cannot fold; the norms and up -> down can
+        ("llama", 2, _NORM_FOLDS | {"mlp.up_proj"}),
+        ("llama", 4, _NORM_FOLDS | {"mlp.up_proj", "self_attn.v_proj"}),
+        ("qwen2", 4, _NORM_FOLDS | {"mlp.up_proj", "self_attn.v_proj"}),  # v's bias divided too
+        ("mistral", 2, _NORM_FOLDS | {"mlp.up_proj"}),
+        # fused projections: into the up half of gate_up_proj, and the v third of qkv_proj
+        ("phi3", 2, _NORM_FOLDS | {"mlp.gate_up_proj"}),
+        ("phi3", 4, _NORM_FOLDS | {"mlp.gate_up_proj", "self_attn.qkv_proj"}),
+    ],
+)
+def test_folding_keeps_the_float_function(kind, kv_heads, folded):
+    model, calib, held = tiny_causal_lm(kind, kv_heads)
     ref = model(held).logits.detach()
     for layer in model.model.layers:
         names = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
         groups = scale_groups(layer, names)
-        folded = {g.prev_name for g in groups if g.prev is not None}
-        # GQA (4 heads, 2 KV heads): v -> o cannot fold; the norms and up -> down can
-        assert folded == {"input_layernorm", "post_attention_layernorm", "mlp.up_proj"}
+        assert {g.prev_name for g in groups if g.prev is not None} == folded
+        assert sorted(m for g in groups for m in g.members) == sorted(names)  # every linear once
         for g in groups:
             if g.prev is not None:
                 k = layer.get_submodule(g.members[0]).in_features
                 fold_scales(layer, g, torch.rand(k) * 3 + 0.2)
     torch.testing.assert_close(model(held).logits.detach(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_folds_only_in_the_layer_classes_that_order_their_parts_so():
+    """A fused ``gate_up_proj`` in another model may order its halves otherwise: no fold there."""
+    model, _, _ = tiny_causal_lm("phi3", 4)
+
+    class OtherDecoderLayer(type(model.model.layers[0])):
+        pass
+
+    layer = model.model.layers[0]
+    layer.__class__ = OtherDecoderLayer
+    names = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
+    assert {g.prev_name for g in scale_groups(layer, names) if g.prev is not None} == _NORM_FOLDS
 
 
 def test_awq_model_keys_error_and_act_scale():

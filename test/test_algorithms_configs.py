@@ -13,7 +13,7 @@ from torchq.algorithms.configs import VALID_BASES
 from torchq.algorithms.sequential import capture_layer_inputs
 from torchq.quantize.configs import config_from_dict, config_from_json
 
-from algorithms_fixtures import correlated_inputs, tiny_llama, toy_mlp
+from algorithms_fixtures import correlated_inputs, tiny_causal_lm, tiny_llama, toy_mlp
 
 INT4 = torchq.int4_weight_only(group_size=64)
 ALGOS = [
@@ -197,6 +197,36 @@ def test_sequential_driver_on_tiny_llama(true_sequential, paused_fraction, monke
         out, ref = model(held).logits, before(held).logits
     assert torch.isfinite(out).all()
     assert (out - ref).pow(2).mean() < 0.1 * ref.pow(2).mean()
+
+
+@pytest.mark.parametrize("kind,kv_heads", [("qwen2", 2), ("mistral", 2), ("phi3", 2), ("phi3", 4)])
+def test_every_algorithm_on_the_other_decoder_families(kind, kv_heads):
+    """Qwen2 (q/k/v bias), Mistral and Phi-3 (fused qkv_proj / gate_up_proj) through the
+    driver: every decoder linear calibrated, the same state_dict keys, outputs near the float
+    model's; AWQ and SmoothQuant fold their scales into the previous ops wherever the graph
+    allows (act_scale is left only for o_proj under grouped-query attention)."""
+    model0, calib, held = tiny_causal_lm(kind, kv_heads)
+    keys = set(model0.state_dict())
+    with torch.no_grad():
+        ref = model0(held).logits
+    w8a8 = torchq.int8_dynamic_activation_int8_weight()
+    configs = [torchq.GPTQ(INT4), torchq.AWQ(INT4), torchq.AutoRound(INT4, iters=4), torchq.HQQ(INT4), torchq.SmoothQuant(w8a8)]
+    for cfg in configs:
+        model = copy.deepcopy(model0)
+        report = torchq.quantize_(
+            model, cfg, calibration=calib if cfg.needs_calibration else None, filter_fn=lambda m, n: n != "lm_head"
+        )
+        decoder = [l for l in report.layers if l.name.startswith("model.layers.")]
+        assert len(decoder) == 2 * (4 if kind == "phi3" else 7)
+        assert all(l.config == cfg.type_name and l.status == "quantized" for l in decoder), report.layers
+        assert set(model.state_dict()) == keys
+        with torch.no_grad():
+            err = (model(held).logits - ref).pow(2).mean() / ref.pow(2).mean()
+        assert err < (0.001 if cfg.type_name == "smoothquant" else 0.05), (cfg.type_name, float(err))
+        if cfg.type_name in ("awq", "smoothquant"):
+            with_act_scale = {n.split(".", 3)[-1] for n, m in model.named_modules()
+                              if isinstance(m, nn.Linear) and getattr(m.weight, "act_scale", None) is not None}
+            assert with_act_scale == ({"self_attn.o_proj"} if kv_heads < 4 else set()), (cfg.type_name, with_act_scale)
 
 
 def test_capture_stops_at_first_layer():
