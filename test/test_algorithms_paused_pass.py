@@ -38,18 +38,22 @@ def _every_item_pauses(monkeypatch):
     monkeypatch.setattr(paused_pass, "MEMORY_FRACTION", 1.0)
 
 
-@pytest.mark.parametrize("fraction", [1.0, 0.0])
+@pytest.mark.parametrize("fraction,attention", [(1.0, "sdpa"), (0.0, "sdpa"), (0.0, "eager")])
 @pytest.mark.parametrize("act_order", [False, True])
-def test_gptq_through_the_paused_pass_equals_rerunning_the_layer(act_order, fraction, monkeypatch):
+def test_gptq_through_the_paused_pass_equals_rerunning_the_layer(act_order, fraction, attention, monkeypatch):
     """Same Hessians, same rounded weights, and the kept outputs are the rounded layer's,
-    whether the items pause (fraction 1) or re-run inside the pass (fraction 0)."""
+    whether the items pause (fraction 1) or re-run inside the pass (fraction 0; o_proj on
+    its kept input stands in for the attention, except under eager attention, which also
+    returns its weights: a warning, and the attention runs in full)."""
     monkeypatch.setattr(paused_pass, "MEMORY_FRACTION", fraction)
     model, calib, _ = tiny_llama(layers=1)
+    model.set_attn_implementation(attention)
     paused_model, rerun_model = copy.deepcopy(model), copy.deepcopy(model)
     config = torchq.GPTQ(torchq.int4_weight_only(group_size=32), act_order=act_order)
     paused, rerun = _layer_block(paused_model, calib), _layer_block(rerun_model, calib, sequential=False)
     names = list(paused.linears)
-    out_paused = gptq_mod._process(paused, names, config, {})
+    with pytest.warns(UserWarning, match="'self_attn' is not just") if attention == "eager" else contextlib.nullcontext():
+        out_paused = gptq_mod._process(paused, names, config, {})
     out_rerun = gptq_mod._process(rerun, names, config, {})
     assert paused.outputs is not None and rerun.outputs is None
     for n in names:
@@ -278,20 +282,31 @@ def test_finish_can_release_each_input_once_its_output_exists(max_bytes):
 def test_re_running_items_compute_the_finished_attention_once():
     """With no item paused, the attention's output (all its linears rounded after the o
     stage) is computed once per item, in the gate/up pass, and reused by the down pass and
-    the final one: o_proj runs once per item instead of three times; same numbers (the
-    equality with re-running the layer is the first test's fraction-0 case)."""
+    the final one: o_proj runs once per item instead of three times. The gate/up pass runs
+    just o_proj, on its input kept from the o pass (the first item runs the attention in
+    full, to check that its output is o_proj's): q_proj runs once per item instead of
+    twice. Same numbers (the equality with re-running the layer is the first test's
+    fraction-0 case)."""
     model, calib, _ = tiny_llama(layers=1)
     block = _layer_block(model, calib)
-    calls = []
-    block.module.self_attn.o_proj.register_forward_hook(lambda m, a, o: calls.append(1))
+    calls = {"q": [], "o": []}
+    block.module.self_attn.q_proj.register_forward_hook(lambda m, a, o: calls["q"].append(1))
+    block.module.self_attn.o_proj.register_forward_hook(lambda m, a, o: calls["o"].append(1))
     stages = input_stages(block, list(block.linears))
-    calls.clear()
+    assert stages[1] == ["self_attn.o_proj"]
+    for c in calls.values():
+        c.clear()
     with PausedPass(block, stages, max_bytes=0) as paused:
         for j in range(len(stages)):
             paused.gather(j, lambda x: None)
+            kept_inputs = len(paused.completed.inputs["self_attn"])
+            assert kept_inputs == (len(block.inputs) if j == 1 else 0)  # o's inputs held from its pass to the next
         outs = paused.finish()
         assert not any(paused.completed.kept.values())  # each item's kept output freed by its final pass
-    assert len(calls) == len(block.inputs)
+        assert paused.completed.output_arity == {"self_attn": 2}  # (o_proj(x), None)
+        assert "mlp" not in paused.completed.inputs  # down_proj's input is wider than the hidden states
+    assert len(calls["o"]) == len(block.inputs)
+    assert len(calls["q"]) == len(block.inputs) + 1
     assert "forward" not in block.module.self_attn.__dict__  # the patch is gone
     for got, want in zip(outs, block.run()):
         assert torch.equal(got, want)
@@ -325,19 +340,70 @@ class _CallsItsChildTwice(_InnerThenBC):
         return self.c(self.inner(h))
 
 
-@pytest.mark.parametrize("module_type,warns", [(_WritesIntoItsChild, "'inner' in place"), (_CallsItsChildTwice, None)])
+class _LinearThen(nn.Module):
+    """A child ending in a linear, then ``tail(out)``: its output is not the linear's alone."""
+
+    def __init__(self, tail):
+        super().__init__()
+        self.lin, self.tail = nn.Linear(8, 8), tail
+
+    def forward(self, x):
+        return self.tail(self.lin(x))
+
+
+class _ChildScalesItsLinear(_InnerThenBC):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Sequential(_LinearThen(lambda y: y * 2))
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(self.inner(x))))
+
+
+class _ChildAlsoReturnsATensor(_ChildScalesItsLinear):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Sequential(_LinearThen(lambda y: (y, y.sum(-1))))
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(self.inner(x)[0])))
+
+
+class _ChildReturnsItsLinearAndNone(_ChildScalesItsLinear):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Sequential(_LinearThen(lambda y: (y, None)))
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(self.inner(x)[0])))
+
+
+@pytest.mark.parametrize(
+    "module_type,warns",
+    [
+        (_WritesIntoItsChild, "'inner' in place"),
+        (_CallsItsChildTwice, None),
+        (_ChildScalesItsLinear, "'inner' is not just"),
+        (_ChildAlsoReturnsATensor, "'inner' is not just"),
+        (_ChildReturnsItsLinearAndNone, None),
+    ],
+)
 def test_reused_child_outputs_give_the_numbers_of_running_the_module(module_type, warns):
     """A child output its layer changed in place is recomputed, with a warning; a child's
-    second call in one forward is computed, not served its first call's output."""
+    second call in one forward is computed, not served its first call's output; a child
+    whose output is more than its last linear's (on the input kept from that linear's
+    stage) runs its forward, with a warning."""
     torch.manual_seed(0)
     module = module_type()
     block = Block(module, [((torch.randn(3, 8),), {}) for _ in range(3)],
-                  {"inner.0": module.inner[0], "b": module.b, "c": module.c})
+                  {n: m for n, m in module.named_modules() if isinstance(m, nn.Linear)})
     with pytest.warns(UserWarning, match=warns) if warns else contextlib.nullcontext():
-        with PausedPass(block, [["inner.0"], ["b"], ["c"]], max_bytes=0) as paused:
+        with PausedPass(block, [[next(iter(block.linears))], ["b"], ["c"]], max_bytes=0) as paused:
             for j in range(3):
                 paused.gather(j, lambda x: None)
             outs = paused.finish()
+            stands_in = paused.completed.output_arity.get("inner", 0) != 0
+    assert stands_in == (module_type in (_WritesIntoItsChild, _CallsItsChildTwice, _ChildReturnsItsLinearAndNone))
     with torch.inference_mode():
         for out, (args, _) in zip(outs, block.inputs):
             assert torch.equal(out, module(*args))
