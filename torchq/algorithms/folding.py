@@ -58,13 +58,12 @@ FOLDS: tuple[Fold, ...] = (
 
 @dataclass
 class ScaleGroup:
-    """Linears sharing one input (and so one scale); ``prev``: the op to fold into, or None;
-    ``parts``: as :attr:`Fold.parts` (the scale divides the last part of ``prev``'s output)."""
+    """Linears sharing one input (and so one scale); ``prev``: the op to fold into, or None
+    (for a fused linear, the scale divides the last ``len(s)`` rows of its output)."""
 
     members: list[str]
     prev: Optional[nn.Module] = None
     prev_name: str = ""
-    parts: int = 1
 
 
 def is_foldable(prev: Optional[nn.Module], k: int, parts: int = 1) -> bool:
@@ -96,7 +95,7 @@ def scale_groups(module: nn.Module, names: list[str]) -> list[ScaleGroup]:
         k = mods[present[0]].in_features
         prev = mods.get(fold.prev)
         if len(present) == len(fold.members) and is_foldable(prev, k, fold.parts):
-            groups.append(ScaleGroup(present, prev, fold.prev, fold.parts))
+            groups.append(ScaleGroup(present, prev, fold.prev))
             for m in present:
                 left.remove(m)
     if set(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")) <= set(left):
