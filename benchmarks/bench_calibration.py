@@ -41,6 +41,8 @@ METHODS = {
     "awq": lambda base: __import__("torchq").AWQ(base),
     "awq_rounded": lambda base: __import__("torchq").AWQ(base, next_inputs="rounded"),  # version 1: two passes per layer
     "awq_gptq": lambda base: __import__("torchq").AWQ(__import__("torchq").GPTQ(base)),
+    "awq_skip": lambda base: __import__("torchq").AWQ(base, unfoldable="skip"),  # exportable: o_proj unscaled under GQA
+    "awq_gptq_skip": lambda base: __import__("torchq").AWQ(__import__("torchq").GPTQ(base), unfoldable="skip"),
     "autoround": lambda base: __import__("torchq").AutoRound(base),
     "autoround_light": lambda base: __import__("torchq").AutoRound(base, preset="light"),
     "autoround_bf16": lambda base: __import__("torchq").AutoRound(base, compute_dtype="bfloat16"),
@@ -50,6 +52,7 @@ METHODS = {
     "autoround_light_bf16_low_memory": lambda base: __import__("torchq").AutoRound(
         base, preset="light", compute_dtype="bfloat16", stream_dtype="bfloat16", micro_batch_size=1),
     "smoothquant": lambda base: __import__("torchq").SmoothQuant(base),
+    "smoothquant_skip": lambda base: __import__("torchq").SmoothQuant(base, unfoldable="skip"),
 }
 
 

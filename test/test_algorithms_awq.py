@@ -131,6 +131,38 @@ def test_awq_model_keys_error_and_act_scale():
     assert err < 1.5 * err_rtn  # a random tiny model: no outliers for AWQ to find, but no harm
 
 
+@pytest.mark.parametrize(
+    "make,fmt",
+    [(lambda u: torchq.AWQ(INT4, unfoldable=u), "awq-gemm"),
+     (lambda u: torchq.SmoothQuant(torchq.int8_dynamic_activation_int8_weight(), unfoldable=u), "compressed-tensors")],
+    ids=["awq", "smoothquant"],
+)
+def test_unfoldable_skip_leaves_o_proj_unscaled_so_the_model_exports(make, fmt, tmp_path):
+    """Under grouped-query attention no op can take o_proj's scale: by default it is kept as
+    act_scale, which the foreign formats cannot hold (the export error names the fix);
+    ``unfoldable="skip"`` leaves o_proj unscaled, as AutoAWQ does, folds the rest the same
+    way, and the model exports and reloads."""
+    model, calib, held = tiny_llama()
+    with torch.no_grad():
+        ref = model(held).logits
+    kept = copy.deepcopy(model)
+    report = torchq.quantize_(model, make("skip"), calibration=calib, filter_fn=lambda m, n: n != "lm_head")
+    torchq.quantize_(kept, make("act_scale"), calibration=calib, filter_fn=lambda m, n: n != "lm_head")
+    notes = {l.name: l.note for l in report.layers}
+    assert "no scale (nothing to fold into; unfoldable='skip')" in notes["model.layers.0.self_attn.o_proj"]
+    assert "folded into input_layernorm" in notes["model.layers.0.self_attn.q_proj"]
+    linears = [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    assert all(m.weight.act_scale is None for m in linears)
+    assert kept.model.layers[0].self_attn.o_proj.weight.act_scale is not None
+    with pytest.raises(ValueError, match=r"act_scale.*unfoldable='skip'"):
+        torchq.save_pretrained(kept, str(tmp_path / "kept"), format=fmt)
+    out = torchq.save_pretrained(model, str(tmp_path / "skip"), format=fmt)
+    with torch.no_grad():
+        got, want = torchq.from_pretrained(out)(held).logits, model(held).logits
+    assert (got - want).pow(2).mean() < 1e-6 * want.pow(2).mean()  # fp16 scales on export
+    assert (want - ref).pow(2).mean() < 0.2 * ref.pow(2).mean()
+
+
 @pytest.mark.parametrize("next_inputs", ["float", "rounded"])
 def test_awq_next_inputs_feed_float_or_rounded_outputs(monkeypatch, next_inputs):
     """``next_inputs="float"``: every layer is calibrated on the float model's own inputs of

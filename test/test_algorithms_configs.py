@@ -21,6 +21,7 @@ ALGOS = [
     torchq.GPTQ(torchq.nf4_weight_only(), damp=0.05, act_order=True, mse_clip=True),
     torchq.AWQ(torchq.int4_weight_only(group_size=128)),
     torchq.AWQ(torchq.GPTQ(INT4)),
+    torchq.AWQ(INT4, unfoldable="skip"),
     torchq.AutoRound(torchq.int4_weight_only(group_size=128), iters=200),
     torchq.AutoRound(INT4, preset="light"),
     torchq.AutoRound(INT4, preset="light", compute_dtype="bfloat16"),
@@ -28,6 +29,7 @@ ALGOS = [
     torchq.HQQ(INT4),
     torchq.SmoothQuant(torchq.int8_dynamic_activation_int8_weight(), alpha=0.5),
     torchq.SmoothQuant(torchq.int8_dynamic_activation_int8_weight(), alpha="auto"),
+    torchq.SmoothQuant(torchq.int8_dynamic_activation_int8_weight(), alpha=0.5, unfoldable="skip"),
     torchq.SmoothQuant(torchq.GPTQ(torchq.int8_dynamic_activation_int4_weight(group_size=64)), alpha=0.6),
 ]
 
@@ -60,6 +62,7 @@ def test_awq_version_1_dicts_keep_their_meaning():
     v1 = {"type": "awq", "version": 1, "base": INT4.to_dict(), "n_grid": 20, "clip": True, "max_tokens": 2048}
     cfg = config_from_dict(v1)
     assert cfg.version == 2 and cfg.next_inputs == "rounded" and not cfg.feeds_float_outputs
+    assert cfg.unfoldable == "act_scale"  # added later with its default: the meaning of a dict without it
     assert torchq.AWQ(INT4).feeds_float_outputs and torchq.AWQ(torchq.HQQ(INT4)).feeds_float_outputs
     assert not torchq.AWQ(torchq.GPTQ(INT4)).feeds_float_outputs
     assert torchq.AWQ(torchq.GPTQ(INT4), next_inputs="float").feeds_float_outputs
@@ -100,6 +103,10 @@ def test_bad_fields():
         torchq.SmoothQuant(torchq.int8_dynamic_activation_int8_weight(), alpha="best")
     with pytest.raises(ValueError, match="preset"):
         torchq.AutoRound(INT4, preset="heavy")
+    with pytest.raises(ValueError, match="unfoldable must be one of 'act_scale', 'skip'"):
+        torchq.AWQ(INT4, unfoldable="drop")
+    with pytest.raises(ValueError, match="unfoldable"):
+        torchq.SmoothQuant(torchq.int8_dynamic_activation_int8_weight(), unfoldable=None)
 
 
 class _Tok:
@@ -294,3 +301,4 @@ def test_cli_algorithm_names_build_their_configs():
         assert config_from_json(cfg.to_json()) == cfg
     assert with_algorithm("autoround-light-bf16", INT4) == torchq.AutoRound(INT4, preset="light", compute_dtype="bfloat16")
     assert with_algorithm("autoround-bf16", INT4).compute_dtype == "bfloat16"
+    assert with_algorithm("awq+gptq-exportable", INT4) == torchq.AWQ(torchq.GPTQ(INT4), unfoldable="skip")

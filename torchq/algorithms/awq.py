@@ -127,9 +127,10 @@ def scale_then_round(block, names, config: AlgorithmConfig, choose_scale, label:
     with torch.no_grad():
         for group in scale_groups(block.module, names):
             grid0 = grid_for(base, block.linears[group.members[0]].weight.shape)
-            if group.prev is None and not grid0.supports_input_transform:
+            if group.prev is None and (config.unfoldable == "skip" or not grid0.supports_input_transform):
+                why = "unfoldable='skip'" if config.unfoldable == "skip" else f"{base.type_name} stores no act_scale"
                 for m in group.members:
-                    notes[m] = f"{label}: no scale (nothing to fold into; {base.type_name} stores no act_scale)"
+                    notes[m] = f"{label}: no scale (nothing to fold into; {why})"
                 continue
             s, note = choose_scale(group.members, stats)
             if group.prev is not None:

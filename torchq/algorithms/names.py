@@ -15,6 +15,9 @@ ALGORITHM_NAMES: dict[str, Callable[[QuantConfig], QuantConfig]] = {
     "gptq-act-order": lambda base: GPTQ(base, static_groups=False),  # act-order through a stored perm
     "awq": AWQ,
     "awq+gptq": lambda base: AWQ(GPTQ(base)),
+    # no act_scale where no op can take a scale (o_proj under GQA): exports to AutoAWQ / GPTQ / compressed-tensors
+    "awq-exportable": lambda base: AWQ(base, unfoldable="skip"),
+    "awq+gptq-exportable": lambda base: AWQ(GPTQ(base), unfoldable="skip"),
     "hqq": HQQ,
     "autoround": AutoRound,
     "autoround-light": lambda base: AutoRound(base, preset="light"),

@@ -269,7 +269,11 @@ def from_torchq(
             'zero_point_domain="int")'
         )
     if t.act_scale is not None:
-        raise ValueError(f"{what} has an act_scale (AWQ smoothing kept apart); this format has no place for it")
+        raise ValueError(
+            f"{what} has an act_scale (AWQ / SmoothQuant smoothing kept apart, where no previous op could take it); this "
+            "format has no place for it: calibrate with torchq.AWQ(..., unfoldable='skip') (CLI: --algo awq-exportable; "
+            "SmoothQuant(..., unfoldable='skip') likewise) to leave such linears unscaled, as AutoAWQ does"
+        )
     n, k = t.shape
     bits = t.bits
     half = 2 ** (bits - 1)
